@@ -1,0 +1,37 @@
+# mobiserve developer entry points. `make serve` and `make test` are the README's quick start.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+SHARED ?= ../shared
+# A local folder holding the zoo's files, used instead of the network when present (sha256 still checked).
+MODEL_MIRROR ?= $(wildcard $(SHARED)/models)
+export MOBISERVE_MODEL_MIRROR ?= $(MODEL_MIRROR)
+PYTEST_ARGS ?=
+
+.PHONY: setup serve models test check-protos protos bench clean
+
+setup: $(BIN)/.installed
+
+$(BIN)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $@
+
+serve: setup ## set up, then serve the default model (int8) on 127.0.0.1:50051, pulling it if missing
+	$(BIN)/mobiserve serve
+
+models: setup ## download the zoo's models into ./models, checked by sha256
+	$(BIN)/mobiserve models pull
+
+test: setup ## the whole test suite (reads models and images from ../shared)
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+protos: setup ## regenerate the gRPC stubs and their type stubs
+	PYTHON=$(BIN)/python scripts/gen-protos.sh
+
+check-protos: protos ## fail if the committed stubs differ from the .proto
+	git diff --exit-code -- protos/
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -1,0 +1,1 @@
+"""mobiserve's client library (placeholder until the client lands)."""

@@ -1,0 +1,1 @@
+"""`mobiserve bench`: the load-testing harness (issue 4)."""

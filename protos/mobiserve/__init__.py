@@ -1,0 +1,8 @@
+"""mobiserve: MobileNetV2 image classification over gRPC.
+
+This folder is the root of the `mobiserve` import package because the .proto's own path
+(`mobiserve/v1/classifier.proto`) fixes where its generated stubs live: `mobiserve.v1`.
+The server is `mobiserve.server` (folder `server/`), the client `mobiserve.client` (`client/`).
+"""
+
+__version__ = "0.1.0"

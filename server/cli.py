@@ -1,0 +1,200 @@
+"""The `mobiserve` command: serve, models, and the commands other modules register."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib
+import logging
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from mobiserve import __version__
+
+if TYPE_CHECKING:
+    from mobiserve.server.config import ServerConfig
+
+# Modules that add their own subcommands through `register(subparsers)`.
+_COMMAND_MODULES = ("mobiserve.client.cli", "mobiserve.client.bench.cli", "mobiserve.server.workflows.cli")
+
+log = logging.getLogger("mobiserve.server")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not hasattr(args, "func"):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        return 130
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mobiserve", description="MobileNetV2 image classification over gRPC.")
+    parser.add_argument("--version", action="version", version=f"mobiserve {__version__}")
+    sub = parser.add_subparsers(metavar="COMMAND")
+    _add_serve(sub)
+    _add_models(sub)
+    for name in _COMMAND_MODULES:
+        importlib.import_module(name).register(sub)
+    return parser
+
+
+def fail(message: str, code: int = 1) -> int:
+    """One line on stderr and a non-zero exit: what every command does on a user-facing error."""
+    print(f"mobiserve: error: {message}", file=sys.stderr)
+    return code
+
+
+# ---------------------------------------------------------------------------------------- serve
+
+def _add_serve(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = sub.add_parser("serve", help="run the gRPC server", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--config", help="TOML file listing models and server settings (flags override it)")
+    p.add_argument("--model", action="append", metavar="[NAME=]PATH",
+                   help="ONNX model to serve; repeat for several (the first is the default); "
+                        "a bare PATH is named after its file. Default: the zoo's int8 model, pulled if missing")
+    p.add_argument("--name", help="name of the model when a single --model is given")
+    p.add_argument("--synsets", help="labels file, '<wnid> <name>' per line in output order (default: ImageNet-1k)")
+    p.add_argument("--host", default=None, help="address to bind (default 127.0.0.1: local only)")
+    p.add_argument("--port", type=int, default=None, help="port to bind (default 50051; 0 picks a free one)")
+    p.add_argument("--max-batch-size", type=int, default=32, help="images per onnxruntime run at most")
+    p.add_argument("--max-queue-delay-ms", type=float, default=0.0,
+                   help="let a batch fill for up to this long after its first image (0: never wait)")
+    p.add_argument("--max-queue-size", type=int, default=1024,
+                   help="images waiting per model before new work is refused with RESOURCE_EXHAUSTED (0: no limit)")
+    p.add_argument("--instances", type=int, default=0, help="onnxruntime sessions per model (0: one per 4 cores)")
+    p.add_argument("--intra-op-threads", type=int, default=0, help="threads per session (0: cores / instances)")
+    p.add_argument("--allow-spinning", action="store_true", help="let onnxruntime threads spin between batches")
+    p.add_argument("--preprocess-threads", type=int, default=None, help="decode/resize threads (default: cores)")
+    p.add_argument("--max-images-per-request", type=int, default=None, help="default 256")
+    p.add_argument("--max-pixels", type=int, default=None, help="largest image accepted, in pixels (default 50 M)")
+    p.add_argument("--max-message-mb", type=float, default=None, help="largest gRPC message (default 64 MiB)")
+    p.add_argument("--default-timeout", type=float, default=None, help="seconds, for calls without a deadline (default 30)")
+    p.add_argument("--grace-period", type=float, default=None, help="seconds to drain on SIGTERM (default 30)")
+    p.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus metrics on this port")
+    p.add_argument("--tls-cert", help="server certificate (PEM); enables TLS")
+    p.add_argument("--tls-key", help="server private key (PEM)")
+    p.add_argument("--tls-client-ca", help="CA (PEM) that client certificates must chain to; enables mutual TLS")
+    p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    p.set_defaults(func=_serve)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from mobiserve.server import app
+    from mobiserve.server.errors import ModelLoadError
+
+    logging.basicConfig(
+        level=args.log_level, stream=sys.stderr,
+        format="%(asctime)s level=%(levelname)s logger=%(name)s %(message)s",
+    )
+    try:
+        config = _server_config(args)
+    except (ValueError, OSError) as exc:
+        return fail(str(exc))
+    try:
+        asyncio.run(app.run(config))
+    except ModelLoadError as exc:
+        log.error("event=startup_failed reason=%r", str(exc))
+        return fail(str(exc))
+    except OSError as exc:
+        return fail(f"cannot start the server: {exc}")
+    return 0
+
+
+def _server_config(args: argparse.Namespace) -> ServerConfig:
+    from mobiserve.server.config import ModelConfig, ServerConfig, load_toml
+
+    overrides = {
+        "host": args.host, "port": args.port, "preprocess_threads": args.preprocess_threads,
+        "max_images_per_request": args.max_images_per_request, "max_pixels": args.max_pixels,
+        "max_message_bytes": None if args.max_message_mb is None else int(args.max_message_mb * (1 << 20)),
+        "default_timeout_s": args.default_timeout, "grace_s": args.grace_period, "metrics_port": args.metrics_port,
+        "tls_cert": args.tls_cert, "tls_key": args.tls_key, "tls_client_ca": args.tls_client_ca,
+    }
+    if bool(args.tls_cert) != bool(args.tls_key):
+        raise ValueError("--tls-cert and --tls-key go together")
+    if args.config:
+        if args.model:
+            raise ValueError("give models either in --config or with --model, not both")
+        return load_toml(args.config, **overrides)
+    knobs = {
+        "max_batch_size": args.max_batch_size, "max_queue_delay_ms": args.max_queue_delay_ms,
+        "max_queue_size": args.max_queue_size, "instances": args.instances,
+        "intra_op_threads": args.intra_op_threads, "allow_spinning": args.allow_spinning,
+    }
+    if args.synsets:
+        knobs["synsets"] = args.synsets
+    specs = args.model or [str(_default_model())]
+    if args.name and len(specs) > 1:
+        raise ValueError("--name applies to a single --model; use NAME=PATH for several")
+    models = []
+    for spec in specs:
+        name, path = _split_model_spec(spec)
+        if args.name:
+            name = args.name
+        if not Path(path).is_file():
+            raise ValueError(f"model file not found: {path}")
+        models.append(ModelConfig(name=name, path=path, **knobs))  # type: ignore[arg-type]
+    return ServerConfig(models=tuple(models), **{k: v for k, v in overrides.items() if v is not None})
+
+
+def _split_model_spec(spec: str) -> tuple[str, str]:
+    """'NAME=PATH' or a bare 'PATH' (named after the file, without '.onnx')."""
+    name, sep, path = spec.partition("=")
+    if sep and name and "/" not in name:
+        return name, path
+    return Path(spec).stem, spec
+
+
+def _default_model() -> Path:
+    """The zoo's int8 model in the models folder, pulled first if missing."""
+    from mobiserve.server import zoo
+
+    path = zoo.DEFAULT_MODELS_DIR / zoo.DEFAULT_MODEL.filename
+    if not path.is_file():
+        print(f"mobiserve: {path} is missing; pulling it from the ONNX model zoo ...", file=sys.stderr)
+        try:
+            zoo.pull(zoo.DEFAULT_MODEL)
+        except zoo.ZooError as exc:
+            raise ValueError(str(exc)) from None
+    return path
+
+
+# --------------------------------------------------------------------------------------- models
+
+def _add_models(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    from mobiserve.server import zoo
+
+    p = sub.add_parser("models", help="list a server's models, or pull the zoo's models")
+    msub = p.add_subparsers(metavar="ACTION")
+    pull = msub.add_parser("pull", help="download the zoo's MobileNetV2 models, checked by sha256")
+    pull.add_argument("names", nargs="*", metavar="NAME",
+                      help=f"which models ({', '.join(zoo.ZOO)}; default all)")
+    pull.add_argument("--dir", type=Path, default=zoo.DEFAULT_MODELS_DIR, help="models folder (default: %(default)s)")
+    pull.add_argument("--from", dest="source", help=f"a folder or base URL holding the files (or ${zoo.MIRROR_ENV})")
+    pull.set_defaults(func=_pull)
+
+
+def _pull(args: argparse.Namespace) -> int:
+    from mobiserve.server import zoo
+
+    unknown = set(args.names) - set(zoo.ZOO)
+    if unknown:
+        return fail(f"unknown model(s) {sorted(unknown)}; the zoo entries are {', '.join(zoo.ZOO)}")
+    status = 0
+    for name in args.names or list(zoo.ZOO):
+        model = zoo.ZOO[name]
+        try:
+            path = zoo.pull(model, args.dir, args.source)
+        except zoo.ZooError as exc:
+            status = fail(str(exc))
+            continue
+        digest = zoo.sha256_of(path)
+        checked = "sha256 verified" if model.sha256 else f"sha256 {digest} (not pinned: compare with the zoo)"
+        print(f"{name}: {path} ({checked})")
+    return status

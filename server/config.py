@@ -1,0 +1,111 @@
+"""Server and model configuration: dataclasses, built from CLI flags or a TOML file.
+
+TOML (paths relative to the file):
+
+    [server]
+    host = "127.0.0.1"
+    port = 50051
+    default_model = "int8"          # else the first model
+
+    [[models]]
+    name = "int8"
+    path = "models/mobilenetv2-12-int8.onnx"
+    max_batch_size = 32             # every [[models]] key below is optional
+    max_queue_delay_ms = 0.0
+    instances = 1
+    intra_op_threads = 2
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from mobiserve.server.runtime.session import available_cores, default_instances, default_intra_op_threads
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+IMAGENET_SYNSETS = Path(__file__).parent / "processing" / "imagenet_synsets.txt"
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str
+    path: str
+    synsets: str = str(IMAGENET_SYNSETS)
+    version: str = "1"
+    max_batch_size: int = 32
+    max_queue_delay_ms: float = 0.0
+    max_queue_size: int = 1024  # images waiting for a batch; 0 = unbounded
+    instances: int = 0  # 0: one per 4 cores
+    intra_op_threads: int = 0  # 0: the cores divided among instances
+    allow_spinning: bool = False
+
+    def resolved(self) -> "ModelConfig":
+        """Fill the CPU-derived defaults for this machine."""
+        instances = self.instances or default_instances()
+        threads = self.intra_op_threads or default_intra_op_threads(instances)
+        return dataclasses.replace(self, instances=instances, intra_op_threads=threads)
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    models: tuple[ModelConfig, ...]
+    default_model: str = ""
+    host: str = "127.0.0.1"
+    port: int = 50051
+    max_message_bytes: int = 64 << 20
+    max_images_per_request: int = 256
+    max_pixels: int = 50_000_000
+    preprocess_threads: int = field(default_factory=available_cores)
+    default_timeout_s: float = 30.0  # when the client sets no deadline
+    grace_s: float = 30.0  # SIGTERM: time to answer what is queued and in flight
+    metrics_port: int = 0  # 0: no metrics endpoint
+    tls_cert: str = ""
+    tls_key: str = ""
+    tls_client_ca: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.models:
+            raise ValueError("no models configured")
+        names = [m.name for m in self.models]
+        if len(set(names)) != len(names):
+            raise ValueError(f"model names must be unique, got {names}")
+        if self.default_model and self.default_model not in names:
+            raise ValueError(f"default model {self.default_model!r} is not among {names}")
+
+    @property
+    def default(self) -> str:
+        return self.default_model or self.models[0].name
+
+
+_MODEL_KEYS = {f.name for f in dataclasses.fields(ModelConfig)}
+_SERVER_KEYS = {f.name for f in dataclasses.fields(ServerConfig)} - {"models"}
+
+
+def load_toml(path: str | Path, **overrides: Any) -> ServerConfig:
+    """Read a TOML config; `overrides` (from CLI flags) win over the [server] table."""
+    path = Path(path)
+    data = tomllib.loads(path.read_text(encoding="utf-8"))
+    server = dict(data.get("server", {}))
+    unknown = set(server) - _SERVER_KEYS
+    if unknown:
+        raise ValueError(f"{path}: unknown [server] keys {sorted(unknown)}; known: {sorted(_SERVER_KEYS)}")
+    models = []
+    for i, entry in enumerate(data.get("models", [])):
+        unknown = set(entry) - _MODEL_KEYS
+        if unknown:
+            raise ValueError(f"{path}: [[models]] #{i + 1}: unknown keys {sorted(unknown)}; known: {sorted(_MODEL_KEYS)}")
+        entry = dict(entry)
+        for key in ("path", "synsets"):
+            if key in entry:
+                entry[key] = str((path.parent / entry[key]).resolve())
+        models.append(ModelConfig(**entry))
+    server.update({k: v for k, v in overrides.items() if v is not None})
+    return ServerConfig(models=tuple(models), **server)

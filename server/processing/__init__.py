@@ -1,0 +1,1 @@
+"""The model card's pre- and post-processing, shared by the server and `mobiserve evaluate`."""

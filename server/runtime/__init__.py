@@ -1,0 +1,1 @@
+"""onnxruntime sessions and the model: blocking code that runs in executor threads."""

@@ -1,0 +1,90 @@
+"""A loaded classifier: onnxruntime sessions plus labels. Blocking; runs in executor threads."""
+
+from __future__ import annotations
+
+import queue
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from mobiserve.server.errors import ModelLoadError
+from mobiserve.server.processing.labels import Labels
+from mobiserve.server.processing.normalize import assemble
+from mobiserve.server.processing.postprocess import rank, softmax
+from mobiserve.server.processing.preprocess import INPUT_SIZE
+from mobiserve.server.runtime.session import SessionTuning, open_session
+
+
+@dataclass(frozen=True)
+class BatchScores:
+    """Per image of a batch: softmax probabilities and class indices, most probable first."""
+
+    probabilities: np.ndarray  # [N, C] float32
+    order: np.ndarray  # [N, C] int64
+
+
+class Model:
+    """`instances` sessions of one ONNX file; `infer` may be called from that many threads at once."""
+
+    def __init__(self, path: str | Path, labels: Labels, tuning: SessionTuning, instances: int = 1):
+        self.path = str(path)
+        self.labels = labels
+        self.tuning = tuning
+        self.instances = instances
+        if not Path(path).is_file():
+            raise ModelLoadError(f"model file not found: {path}")
+        try:
+            sessions = [open_session(self.path, tuning) for _ in range(instances)]
+        except Exception as exc:  # onnxruntime raises its own Fail/InvalidProtobuf/... types
+            first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise ModelLoadError(f"cannot load {path} with onnxruntime: {first_line}") from None
+        self.input_name, self.output_name, self.num_classes = _check_signature(sessions[0], path)
+        if self.num_classes != len(labels):
+            raise ModelLoadError(
+                f"{path} has {self.num_classes} outputs but the synsets file lists {len(labels)} classes"
+            )
+        self._free: queue.SimpleQueue[ort.InferenceSession] = queue.SimpleQueue()
+        for session in sessions:
+            self._free.put(session)
+
+    def infer(self, items: Sequence[np.ndarray]) -> BatchScores:
+        """uint8 crops / float32 inputs -> scores. Blocks on a free session if all are busy."""
+        batch = assemble(items)
+        session = self._free.get()
+        try:
+            logits = session.run([self.output_name], {self.input_name: batch})[0]
+        finally:
+            self._free.put(session)
+        return BatchScores(softmax(logits), rank(logits))
+
+    def warm_up(self, max_batch_size: int) -> None:
+        """Run each session once at batch 1 and at the largest batch: allocations happen now,
+        not on the first caller's request."""
+        sessions = [self._free.get() for _ in range(self.instances)]
+        try:
+            for session in sessions:
+                for n in sorted({1, max_batch_size}):
+                    x = np.zeros((n, 3, INPUT_SIZE, INPUT_SIZE), dtype=np.float32)
+                    session.run([self.output_name], {self.input_name: x})
+        finally:
+            for session in sessions:
+                self._free.put(session)
+
+
+def _check_signature(session: ort.InferenceSession, path: str | Path) -> tuple[str, str, int]:
+    inputs, outputs = session.get_inputs(), session.get_outputs()
+    if len(inputs) != 1 or len(outputs) < 1:
+        raise ModelLoadError(f"{path}: expected one input and one output, got {len(inputs)} and {len(outputs)}")
+    shape = list(inputs[0].shape)
+    if len(shape) != 4 or shape[1:] != [3, INPUT_SIZE, INPUT_SIZE] or inputs[0].type != "tensor(float)":
+        raise ModelLoadError(
+            f"{path}: input {inputs[0].name!r} is {inputs[0].type} {shape}; "
+            f"expected float [N, 3, {INPUT_SIZE}, {INPUT_SIZE}]"
+        )
+    out_shape = list(outputs[0].shape)
+    if len(out_shape) != 2 or not isinstance(out_shape[1], int):
+        raise ModelLoadError(f"{path}: output {outputs[0].name!r} has shape {out_shape}; expected [N, classes]")
+    return inputs[0].name, outputs[0].name, out_shape[1]

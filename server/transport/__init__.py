@@ -1,0 +1,1 @@
+"""gRPC transport: thin servicers converting proto <-> domain, and the status mapping."""

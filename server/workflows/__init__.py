@@ -1,0 +1,1 @@
+"""The model card's offline workflows (no server): evaluate and quantize."""

@@ -1,0 +1,161 @@
+"""The batcher alone: a fake model waits on an asyncio.Event, so each test decides when a batch runs."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from mobiserve.server.batching import Batcher
+from mobiserve.server.errors import DeadlineExceeded, InferenceFailed, InvalidInput, Overloaded
+
+
+class FakeModel:
+    """Records each batch; a batch finishes only when the test sets `release`."""
+
+    def __init__(self, fail_on: int | None = None):
+        self.batches: list[list[int]] = []
+        self.release = asyncio.Event()
+        self.started = asyncio.Event()
+        self.fail_on = fail_on
+
+    async def __call__(self, items: list[int]) -> list[int]:
+        self.batches.append(list(items))
+        self.started.set()
+        await self.release.wait()
+        if self.fail_on in items:
+            raise RuntimeError("boom")
+        return [i * 10 for i in items]
+
+
+async def submit(batcher: Batcher[int, int], *items: int, deadline: float | None = None) -> list[int]:
+    with batcher.admit(len(items)) as admission:
+        return [b.value for b in await batcher.submit(admission, items, deadline)]
+
+
+async def settle() -> None:
+    """Let every ready callback run (no wall-clock sleeping)."""
+    for _ in range(5):
+        await asyncio.sleep(0)
+
+
+@pytest.fixture
+def model() -> FakeModel:
+    return FakeModel()
+
+
+async def test_lone_request_runs_at_once_and_results_keep_order(model: FakeModel) -> None:
+    b = Batcher(model, max_batch_size=8)
+    b.start()
+    model.release.set()
+    assert await submit(b, 3, 1, 2) == [30, 10, 20]
+    assert model.batches == [[3, 1, 2]]
+    await b.close()
+
+
+async def test_queued_requests_form_one_batch_when_the_session_frees(model: FakeModel) -> None:
+    b = Batcher(model, max_batch_size=8)
+    b.start()
+    first = asyncio.create_task(submit(b, 0))
+    await model.started.wait()  # the only session is busy with [0]
+    rest = [asyncio.create_task(submit(b, i, i + 100)) for i in range(1, 4)]
+    await settle()
+    model.release.set()
+    assert await first == [0]
+    assert await asyncio.gather(*rest) == [[10, 1010], [20, 1020], [30, 1030]]
+    assert model.batches == [[0], [1, 101, 2, 102, 3, 103]]  # across requests and their images
+    await b.close()
+
+
+async def test_max_batch_size_splits_a_large_request(model: FakeModel) -> None:
+    b = Batcher(model, max_batch_size=4)
+    b.start()
+    model.release.set()
+    assert await submit(b, *range(10)) == [i * 10 for i in range(10)]
+    assert [len(x) for x in model.batches] == [4, 4, 2]
+    await b.close()
+
+
+async def test_queue_delay_lets_a_batch_fill(model: FakeModel) -> None:
+    b = Batcher(model, max_batch_size=3, max_queue_delay_s=60)  # the window never expires here
+    b.start()
+    model.release.set()
+    tasks = [asyncio.create_task(submit(b, i)) for i in range(3)]
+    await asyncio.gather(*tasks)  # the third arrival fills the batch and ends the wait
+    assert model.batches == [[0, 1, 2]]
+    await b.close()
+
+
+async def test_cancelled_caller_leaves_the_queue_before_inference(model: FakeModel) -> None:
+    b = Batcher(model, max_batch_size=8)
+    b.start()
+    first = asyncio.create_task(submit(b, 0))
+    await model.started.wait()
+    gone = asyncio.create_task(submit(b, 1))
+    kept = asyncio.create_task(submit(b, 2))
+    await settle()
+    gone.cancel()
+    await settle()
+    assert b.admitted == 1  # capacity returned at once
+    model.release.set()
+    assert await kept == [20]
+    await first
+    assert model.batches == [[0], [2]]
+    await b.close()
+
+
+async def test_expired_deadline_is_dropped_before_inference(model: FakeModel) -> None:
+    b = Batcher(model, max_batch_size=8)
+    b.start()
+    first = asyncio.create_task(submit(b, 0))
+    await model.started.wait()
+    loop = asyncio.get_running_loop()
+    expired = asyncio.create_task(submit(b, 1, deadline=loop.time()))
+    await settle()
+    model.release.set()
+    with pytest.raises(DeadlineExceeded):
+        await expired
+    await first
+    assert model.batches == [[0]]
+    await b.close()
+
+
+async def test_full_queue_refuses_at_once_and_recovers(model: FakeModel) -> None:
+    b = Batcher(model, max_batch_size=1, max_queue_size=3)
+    b.start()
+    held = [asyncio.create_task(submit(b, 0))]
+    await model.started.wait()  # 0 runs; 1, 2, 3 fill the queue
+    held += [asyncio.create_task(submit(b, i)) for i in range(1, 4)]
+    await settle()
+    assert b.admitted == 3
+    with pytest.raises(Overloaded, match="overloaded"):
+        b.admit(1)
+    with pytest.raises(InvalidInput, match="more than the queue limit"):
+        b.admit(4)
+    model.release.set()
+    await asyncio.gather(*held)
+    assert await submit(b, 7) == [70]
+    await b.close()
+
+
+async def test_a_failing_batch_fails_only_its_own_requests() -> None:
+    model = FakeModel(fail_on=13)
+    b = Batcher(model, max_batch_size=1)
+    b.start()
+    model.release.set()
+    with pytest.raises(InferenceFailed, match="boom"):
+        await submit(b, 13)
+    assert await submit(b, 2) == [20]
+    await b.close()
+
+
+async def test_close_runs_everything_already_queued(model: FakeModel) -> None:
+    b = Batcher(model, max_batch_size=2)
+    b.start()
+    tasks = [asyncio.create_task(submit(b, i)) for i in range(5)]
+    await model.started.wait()
+    closing = asyncio.create_task(b.close())
+    await settle()
+    model.release.set()
+    await closing
+    assert [await t for t in tasks] == [[i * 10] for i in range(5)]
