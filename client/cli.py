@@ -1,9 +1,204 @@
-"""`mobiserve classify`, `validate` and `models` (listing a server's models) (issue 3)."""
+"""`mobiserve classify`, `validate` and `models` (listing a server's models): the client's commands.
+
+Every user-facing failure (a bad path, no server, a refused image) ends in one line on stderr
+and exit status 1; `--json` output goes to stdout alone, so it can be piped.
+"""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import functools
+import json
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from mobiserve.client import (
+    DEFAULT_TARGET, TARGET_ENV, Classification, Client, InvalidArgument, MobiserveError, Unavailable, default_target,
+)
+from mobiserve.client.validation import Tally, labelled_images
+from mobiserve.server.cli import fail
+
+Command = Callable[[argparse.Namespace], int]
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     """Add this module's subcommands to the `mobiserve` parser."""
+    p = sub.add_parser("classify", help="classify image files with a running server")
+    p.add_argument("images", nargs="+", metavar="IMAGE", help="image files (JPEG, PNG, WebP, BMP, GIF, TIFF)")
+    p.add_argument("--top-k", type=int, default=5, metavar="K", help="classes to show per image (default 5)")
+    _add_call_options(p)
+    p.set_defaults(func=_classify)
+
+    p = sub.add_parser(
+        "validate", help="top-1 / top-5 accuracy of a labelled image folder, classified by a running server",
+        description="DIR holds <wnid>_<anything>.<ext> files, or ImageNet-style <wnid>/ folders of images.",
+    )
+    p.add_argument("dir", type=Path, metavar="DIR")
+    p.add_argument("--synsets", type=Path, metavar="FILE",
+                   help="'<wnid> <name>' per line: names the classes and skips files with other labels "
+                        "(default: compare with the wnids the server answers with)")
+    p.add_argument("--worst", type=int, default=10, metavar="N", help="worst classes to list (default 10)")
+    p.add_argument("--max-in-flight", type=int, default=64, metavar="N", help="images in flight at once (default 64)")
+    _add_call_options(p)
+    p.set_defaults(func=_validate)
+
+
+def add_list_models(parser: argparse.ArgumentParser) -> None:
+    """Make `mobiserve models` (with no action) list a server's models (ListModels)."""
+    _add_target(parser)
+    parser.add_argument("--json", action="store_true", help="print JSON on stdout")
+    parser.set_defaults(func=_models)
+
+
+def _add_target(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--target", metavar="HOST:PORT",
+                        help="server address, or several balanced by round_robin: ipv4:H:P,H:P or dns:///host:port "
+                             f"(default ${TARGET_ENV}, else {DEFAULT_TARGET})")
+
+
+def _add_call_options(parser: argparse.ArgumentParser) -> None:
+    _add_target(parser)
+    parser.add_argument("--model", help="model name (default: the server's default model)")
+    parser.add_argument("--json", action="store_true", help="print JSON on stdout")
+
+
+def _reported(command: Command) -> Command:
+    """The errors a user can meet become one line on stderr and exit status 1."""
+
+    @functools.wraps(command)
+    def run(args: argparse.Namespace) -> int:
+        try:
+            return command(args)
+        except Unavailable as exc:
+            return fail(f"server {args.target or default_target()} is unavailable: {exc}")
+        except MobiserveError as exc:
+            return fail(f"{exc.message} ({exc.code.name})")
+        except (OSError, ValueError) as exc:
+            return fail(str(exc))
+
+    return run
+
+
+def _image_failure(exc: MobiserveError, paths: Sequence[Path]) -> int:
+    """A refused image in a stream: name its file. Other errors are not the file's."""
+    if exc.input_index is None or not isinstance(exc, InvalidArgument):
+        raise exc
+    return fail(f"{paths[exc.input_index]}: {exc.message} ({exc.code.name})")
+
+
+# ------------------------------------------------------------------------------------- classify
+
+@_reported
+def _classify(args: argparse.Namespace) -> int:
+    paths = [Path(p) for p in args.images]
+    for path in paths:
+        if not path.is_file():
+            return fail(f"cannot read {path}: {'not a file' if path.exists() else 'no such file'}")
+    answers: list[dict[str, Any]] = []
+    with Client(args.target) as client:
+        try:
+            for path, result in zip(paths, client.classify_many(paths, top_k=args.top_k, model=args.model)):
+                if args.json:
+                    answers.append({"image": str(path), **dataclasses.asdict(result)})
+                else:
+                    _print_classes(path, result)
+        except MobiserveError as exc:
+            return _image_failure(exc, paths)
+    if args.json:
+        print(json.dumps(answers, indent=2))
+    return 0
+
+
+def _print_classes(path: Path, result: Classification) -> None:
+    print(f"{path}  (model {result.model})")
+    rows = [[str(rank), c.name, c.wnid, f"{c.score:.4f}"] for rank, c in enumerate(result.classes, 1)]
+    _print_table(["rank", "class", "wnid", "probability"], rows, right={0, 3})
+    print()
+
+
+# ------------------------------------------------------------------------------------- validate
+
+@_reported
+def _validate(args: argparse.Namespace) -> int:
+    if not args.dir.is_dir():
+        return fail(f"not a folder: {args.dir}")
+    names: dict[str, str] = {}
+    if args.synsets:
+        from mobiserve.server.processing.labels import Labels  # a plain-text parser; no onnxruntime
+
+        labels = Labels.load(args.synsets)
+        names = dict(zip(labels.wnids, labels.names))
+    found = labelled_images(args.dir, names or None)
+    if found.skipped:
+        why = "a label in --synsets" if names else "a <wnid>_ prefix or <wnid>/ folder"
+        print(f"mobiserve: skipped {len(found.skipped)} image file(s) without {why}, e.g. {found.skipped[0]}",
+              file=sys.stderr)
+    if not found.images:
+        return fail(f"no labelled images in {args.dir} (expected <wnid>_<anything>.<ext> files or <wnid>/ folders)")
+    paths = [item.path for item in found.images]
+    tally = Tally(names=dict(names))
+    model = ""
+    with Client(args.target) as client, tqdm(total=len(paths), unit="img", file=sys.stderr, disable=None) as bar:
+        started = time.perf_counter()
+        try:
+            results = client.classify_many(paths, top_k=5, model=args.model, max_in_flight=args.max_in_flight)
+            for item, result in zip(found.images, results):
+                tally.add(item.label, result)
+                model = result.model
+                bar.update()
+        except MobiserveError as exc:
+            return _image_failure(exc, paths)
+        seconds = time.perf_counter() - started
+        target = client.target
+    top1, top5 = tally.accuracy()
+    report = {
+        "top1": top1, "top5": top5, "count": tally.count, "skipped": len(found.skipped),
+        "seconds": round(seconds, 3), "images_per_second": round(tally.count / seconds, 1),
+        "model": model, "target": target, "worst_classes": tally.worst(args.worst),
+    }
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        _print_report(report)
+    return 0
+
+
+def _print_report(report: dict[str, Any]) -> None:
+    print(f"{report['count']} images from {report['model']} at {report['target']} in {report['seconds']:.1f} s "
+          f"({report['images_per_second']:.1f} images/s)")
+    print(f"top-1 accuracy  {report['top1']:.4f}")
+    print(f"top-5 accuracy  {report['top5']:.4f}")
+    if report["worst_classes"]:
+        print("\nworst classes by top-1:")
+        rows = [[w["wnid"], str(w["count"]), f"{w['top1']:.2f}", f"{w['top5']:.2f}", w["name"]]
+                for w in report["worst_classes"]]
+        _print_table(["wnid", "images", "top-1", "top-5", "class"], rows, right={1, 2, 3})
+
+
+# --------------------------------------------------------------------------------------- models
+
+@_reported
+def _models(args: argparse.Namespace) -> int:
+    with Client(args.target) as client:
+        models = client.list_models()
+    if args.json:
+        print(json.dumps([dataclasses.asdict(m) for m in models], indent=2))
+        return 0
+    rows = [[m.name + (" (default)" if m.is_default else ""), m.version, str(m.num_classes), str(m.max_batch_size),
+             f"{m.max_queue_delay_ms:g}", str(m.instances), m.path] for m in models]
+    header = ["model", "version", "classes", "max batch", "delay ms", "instances", "path"]
+    _print_table(header, rows, right={2, 3, 4, 5})
+    return 0
+
+
+def _print_table(header: list[str], rows: list[list[str]], right: set[int]) -> None:
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+    for row in [header, *rows]:
+        cells = [cell.rjust(w) if i in right else cell.ljust(w) for i, (cell, w) in enumerate(zip(row, widths))]
+        print("  " + "  ".join(cells).rstrip())

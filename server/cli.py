@@ -118,6 +118,8 @@ def _server_config(args: argparse.Namespace) -> ServerConfig:
     }
     if bool(args.tls_cert) != bool(args.tls_key):
         raise ValueError("--tls-cert and --tls-key go together")
+    if args.tls_client_ca and not args.tls_cert:
+        raise ValueError("--tls-client-ca (mutual TLS) needs --tls-cert and --tls-key too")
     if args.config:
         if args.model:
             raise ValueError("give models either in --config or with --model, not both")
@@ -168,9 +170,11 @@ def _default_model() -> Path:
 # --------------------------------------------------------------------------------------- models
 
 def _add_models(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    from mobiserve.client.cli import add_list_models
     from mobiserve.server import zoo
 
     p = sub.add_parser("models", help="list a server's models, or pull the zoo's models")
+    add_list_models(p)  # no ACTION: list what the server at --target serves
     msub = p.add_subparsers(metavar="ACTION")
     pull = msub.add_parser("pull", help="download the zoo's MobileNetV2 models, checked by sha256")
     pull.add_argument("names", nargs="*", metavar="NAME",

@@ -1,0 +1,124 @@
+"""The asyncio client: `Client`'s methods as coroutines, on one grpc.aio channel.
+
+Reading files and decoding PIL images happen in a worker thread, so the event loop never
+blocks on them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterable, AsyncIterator, Iterable
+from types import TracebackType
+
+import grpc
+
+from mobiserve.client._base import DEFAULT_MAX_IN_FLIGHT, DEFAULT_TOP_K, ClientBase, StreamState
+from mobiserve.client._errors import translated
+from mobiserve.client._images import ImageLike, image_of, is_cheap
+from mobiserve.client._options import ChannelOptions
+from mobiserve.client._results import Classification, ModelInfo, classification_of, model_info_of
+from mobiserve.v1 import classifier_pb2 as pb
+from mobiserve.v1 import classifier_pb2_grpc as pb_grpc
+
+
+class AsyncClient(ClientBase):
+    """An asyncio client over one grpc.aio channel; `async with AsyncClient(...) as c:`.
+
+    Create it inside a running event loop. The settings are `ClientBase`'s.
+    """
+
+    def _open(self, options: ChannelOptions, credentials: grpc.ChannelCredentials | None) -> None:
+        if credentials is None:
+            self._channel = grpc.aio.insecure_channel(self.target, options=options)
+        else:
+            self._channel = grpc.aio.secure_channel(self.target, credentials, options=options)
+        self._stub = pb_grpc.ClassifierStub(self._channel)
+
+    async def classify(
+        self, image: ImageLike, *, top_k: int = DEFAULT_TOP_K, model: str | None = None, timeout: float | None = None
+    ) -> Classification:
+        """Classify one image. `model` None: the server's default. Raises a `MobiserveError`."""
+        request = self._request(await _image(image), top_k, model, uuid.uuid4().hex)
+        with translated():
+            response = await self._stub.Classify(
+                request, timeout=self._timeout(timeout), wait_for_ready=self.wait_for_ready
+            )
+        return classification_of(response)
+
+    async def classify_many(
+        self,
+        images: Iterable[ImageLike] | AsyncIterable[ImageLike],
+        *,
+        top_k: int = DEFAULT_TOP_K,
+        model: str | None = None,
+        ordered: bool = True,
+        max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
+        timeout: float | None = None,
+    ) -> AsyncIterator[Classification]:
+        """`Client.classify_many` as an async generator; `images` may also be an async iterable.
+
+        A plain iterable is iterated on the event loop, so it should not block.
+        """
+        if max_in_flight < 1:
+            raise ValueError(f"max_in_flight must be at least 1, got {max_in_flight}")
+        state = StreamState(ordered)
+        window = asyncio.Semaphore(max_in_flight)
+
+        async def requests() -> AsyncIterator[pb.ClassifyRequest]:
+            iterator = _aiter(images)
+            index = 0
+            while True:
+                await window.acquire()  # the backpressure: nothing is read past the window
+                try:
+                    image = await anext(iterator)
+                    request = self._request(await _image(image), top_k, model, str(index))
+                except StopAsyncIteration:
+                    return
+                except Exception as exc:
+                    state.failure = exc
+                    return
+                yield request
+                index += 1
+
+        call = self._stub.ClassifyStream(requests(), timeout=timeout, wait_for_ready=self.wait_for_ready)
+        try:
+            with translated():
+                async for response in call:
+                    for result in state.answers(response):
+                        window.release()
+                        yield result
+            state.finish()
+        finally:
+            call.cancel()
+
+    async def list_models(self, *, timeout: float | None = None) -> list[ModelInfo]:
+        with translated():
+            response = await self._stub.ListModels(
+                pb.ListModelsRequest(), timeout=self._timeout(timeout), wait_for_ready=self.wait_for_ready
+            )
+        return [model_info_of(m) for m in response.models]
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.close()
+
+
+async def _image(image: ImageLike) -> pb.Image:
+    return image_of(image) if is_cheap(image) else await asyncio.to_thread(image_of, image)
+
+
+async def _aiter(images: Iterable[ImageLike] | AsyncIterable[ImageLike]) -> AsyncIterator[ImageLike]:
+    if isinstance(images, AsyncIterable):
+        async for image in images:
+            yield image
+    else:
+        for image in images:
+            yield image

@@ -1,0 +1,45 @@
+"""What `classify` accepts, turned into the proto's `Image`.
+
+Files and bytes go as they are (the server decodes them exactly as the model card does); a
+PIL image or a uint8 array goes as raw RGB pixels, so nothing is lost to re-encoding; a float32
+array is taken as the model's input itself. The server validates shapes and dtypes and says
+what is wrong, so the client does not repeat those checks.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Union
+
+import numpy as np
+from PIL import Image as PILImage
+
+from mobiserve.v1 import classifier_pb2 as pb
+
+ImageLike = Union[str, "os.PathLike[str]", bytes, PILImage.Image, np.ndarray]
+"""A path, encoded image bytes, a PIL image, or an array (uint8 [H, W, 3] RGB or float32 [3, 224, 224])."""
+
+
+def image_of(image: ImageLike) -> pb.Image:
+    """Blocking for paths (reads the file) and PIL images (decodes them)."""
+    if isinstance(image, (bytes, bytearray, memoryview)):
+        return pb.Image(encoded=bytes(image))
+    if isinstance(image, (str, os.PathLike)):
+        return pb.Image(encoded=Path(image).read_bytes())
+    if isinstance(image, PILImage.Image):
+        return pb.Image(tensor=_tensor(np.asarray(image if image.mode == "RGB" else image.convert("RGB"))))
+    if isinstance(image, np.ndarray):
+        return pb.Image(tensor=_tensor(image))
+    raise TypeError(f"cannot classify a {type(image).__name__}: pass a path, bytes, a PIL image or a numpy array")
+
+
+def is_cheap(image: ImageLike) -> bool:
+    """True when converting needs no I/O or decoding, so an event loop may do it inline."""
+    return isinstance(image, (bytes, bytearray, memoryview, np.ndarray))
+
+
+def _tensor(array: np.ndarray) -> pb.Tensor:
+    """Little-endian, C order, as the proto requires."""
+    array = np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<"))
+    return pb.Tensor(shape=list(array.shape), dtype=array.dtype.name, data=array.tobytes())

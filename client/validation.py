@@ -1,0 +1,92 @@
+"""`mobiserve validate`'s bookkeeping: which label each file has, and how the answers scored.
+
+Labels are compared with the wnid the server answers with, so no synsets file is needed; one
+given with --synsets only names the classes and rejects labels it does not know.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Container
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from mobiserve.client._results import Classification
+
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
+
+
+@dataclass(frozen=True)
+class Labelled:
+    path: Path
+    label: str
+
+
+@dataclass
+class Found:
+    images: list[Labelled] = field(default_factory=list)
+    skipped: list[Path] = field(default_factory=list)  # image files with no (known) label
+
+
+def labelled_images(root: Path, known: Container[str] | None = None) -> Found:
+    """`<label>_<anything>.<ext>` files in `root`, and files under ImageNet-style `<label>/` folders.
+
+    Only image suffixes count; other files are ignored. With `known`, other labels are skipped.
+    """
+    found = Found()
+    for path in sorted(root.rglob("*")):
+        if path.suffix.lower() not in IMAGE_SUFFIXES or not path.is_file():
+            continue
+        relative = path.relative_to(root)
+        if len(relative.parts) > 1:
+            label = relative.parts[0]
+        else:
+            label, underscore, _ = path.name.partition("_")
+            label = label if underscore else ""
+        if label and (known is None or label in known):
+            found.images.append(Labelled(path, label))
+        else:
+            found.skipped.append(path)
+    return found
+
+
+@dataclass
+class LabelScore:
+    count: int = 0
+    top1: int = 0
+    top5: int = 0
+
+
+@dataclass
+class Tally:
+    """Top-1 / top-5 hits, overall and per true label."""
+
+    names: dict[str, str] = field(default_factory=dict)  # wnid -> class name, from synsets or answers
+    per_label: dict[str, LabelScore] = field(default_factory=dict)
+
+    def add(self, label: str, result: Classification) -> None:
+        wnids = [c.wnid for c in result.classes]
+        score = self.per_label.setdefault(label, LabelScore())
+        score.count += 1
+        score.top1 += wnids[:1] == [label]
+        score.top5 += label in wnids[:5]
+        for c in result.classes:
+            self.names.setdefault(c.wnid, c.name)
+
+    @property
+    def count(self) -> int:
+        return sum(s.count for s in self.per_label.values())
+
+    def accuracy(self) -> tuple[float, float]:
+        n = self.count or 1
+        return (sum(s.top1 for s in self.per_label.values()) / n, sum(s.top5 for s in self.per_label.values()) / n)
+
+    def worst(self, n: int) -> list[dict[str, Any]]:
+        """The `n` labels with the lowest top-1, then top-5, accuracy (more images first); misses only."""
+        missed = [(label, s) for label, s in self.per_label.items() if s.top1 < s.count]
+        missed.sort(key=lambda item: (item[1].top1 / item[1].count, item[1].top5 / item[1].count, -item[1].count))
+        return [
+            {"wnid": label, "name": self.names.get(label, "?"), "count": s.count,
+             "top1": s.top1 / s.count, "top5": s.top5 / s.count}
+            for label, s in missed[:n]
+        ]
