@@ -30,6 +30,16 @@ test: setup ## the whole test suite (reads models and images from ../shared)
 protos: setup ## regenerate the gRPC stubs and their type stubs
 	PYTHON=$(BIN)/python scripts/gen-protos.sh
 
+# `make bench`: a representative sweep of the int8 model served with its defaults, beside the
+# in-process references and an unbatched server; a few minutes. Override BENCH_ARGS for others.
+BENCH_MODEL ?= $(wildcard $(SHARED)/models/mobilenetv2-12-int8.onnx)
+BENCH_IMAGES ?= $(SHARED)/data/imagenet-sample
+BENCH_ARGS ?= --concurrency 1,8,32,64 --duration 10 --baseline --compare-unbatched
+
+bench: setup ## measure throughput and latency; the report goes to reports/bench-<time>/ (not committed)
+	$(BIN)/mobiserve bench --serve="$(if $(BENCH_MODEL),--model $(BENCH_MODEL))" --images $(BENCH_IMAGES) \
+		$(BENCH_ARGS) --output reports/bench-$$(date +%Y%m%d-%H%M%S)
+
 check-protos: protos ## fail if the committed stubs differ from the .proto
 	git diff --exit-code -- protos/
 
