@@ -9,8 +9,10 @@ flight within the grace period, then close the batchers and exit 0.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import signal
+import ssl
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -73,6 +75,7 @@ class App:
         for model in registry:
             model.start()
             self.metrics.model_ready.labels(model.name).set(1)
+            log.info("event=model_ready model=%s", model.name)
             self.metrics.queue_depth.labels(model.name).set_function(lambda b=model.batcher: b.admitted)
         self.servicer.registry = registry
         await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
@@ -81,16 +84,31 @@ class App:
         return registry
 
     async def stop(self, grace_s: float | None = None) -> None:
-        """Drain: NOT_SERVING, refuse new RPCs, finish queued and in-flight work, close."""
+        """Drain: NOT_SERVING, refuse new RPCs, finish queued and in-flight work, close.
+
+        Open streams answer every message they have read and end with UNAVAILABLE; unary calls
+        are served while the backlog of before the signal is worked off, then refused with
+        UNAVAILABLE; the port closes once all is quiet (transport/drain.py says why). Whatever is
+        still running after the grace period is cancelled."""
         grace = self.config.grace_s if grace_s is None else grace_s
+        loop = asyncio.get_running_loop()
+        end = loop.time() + grace
         log.info("event=draining grace_s=%.1f", grace)
         await self.health.enter_graceful_shutdown()
-        await self.server.stop(grace)
-        if self.servicer.registry is not None:
-            for model in self.servicer.registry:
-                await model.close()
-                self.metrics.model_ready.labels(model.name).set(0)
+        registry = self.servicer.registry
+        for model in registry or ():
+            self.metrics.model_ready.labels(model.name).set(0)
+        self.servicer.drain()
+        try:
+            await asyncio.wait_for(self.servicer.gate.wait_quiet(), grace)
+        except asyncio.TimeoutError:
+            log.warning("event=grace_expired message=%r", "requests still in flight after the grace period are cancelled")
+        await self.server.stop(max(0.0, end - loop.time()))
+        for model in registry or ():
+            await model.close()
+            log.info("event=model_unloaded model=%s", model.name)
         self.preprocess_pool.shutdown(wait=False, cancel_futures=True)
+        await asyncio.to_thread(self.metrics.close_http)
         log.info("event=stopped")
 
 
@@ -103,7 +121,9 @@ async def create_app(config: ServerConfig) -> App:
     ]
     server = grpc.aio.server(options=options)
     metrics = Metrics()
-    servicer = ClassifierServicer(metrics, config.default_timeout_s)
+    for model in config.models:
+        metrics.model_ready.labels(model.name).set(0)  # the series exists (at 0) while loading
+    servicer = ClassifierServicer(metrics, config.default_timeout_s, (m.name for m in config.models))
     pb_grpc.add_ClassifierServicer_to_server(servicer, server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -113,21 +133,56 @@ async def create_app(config: ServerConfig) -> App:
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
     address = f"{config.host}:{config.port}"
-    port = server.add_secure_port(address, _credentials(config)) if config.tls_cert else server.add_insecure_port(address)
+    credentials = _credentials(config) if config.tls_cert else None
+    try:
+        port = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
+    except RuntimeError:  # grpc's way of saying the bind failed
+        port = 0
     if port == 0:
-        raise OSError(f"cannot bind {address}")
-    await server.start()
+        raise OSError(f"cannot bind {address}: the port is in use or the address is not on this machine")
+    metrics_port = 0
     if config.metrics_port:
-        metrics.serve_http(config.host, config.metrics_port)
+        try:
+            metrics_port = metrics.serve_http(config.host, config.metrics_port)
+        except OSError as exc:
+            raise OSError(f"cannot serve metrics on {config.host}:{config.metrics_port}: {exc.strerror or exc}") from None
+    await server.start()
     pool = ThreadPoolExecutor(config.preprocess_threads, thread_name_prefix="preprocess")
-    log.info("event=listening address=%s:%d tls=%s", config.host, port, bool(config.tls_cert))
+    tls = "mutual" if config.tls_client_ca else "server" if credentials else "off"
+    log.info("event=listening address=%s:%d tls=%s metrics_port=%d", config.host, port, tls, metrics_port)
+    if not credentials and not _is_loopback(config.host):
+        log.warning("event=insecure_bind address=%s:%d message=%r", config.host, port,
+                    "plain-text gRPC on a non-loopback address: anyone who can reach it can use and read it; "
+                    "give --tls-cert/--tls-key")
     return App(config, server, port, health_servicer, servicer, metrics, pool)
 
 
 def _credentials(config: ServerConfig) -> grpc.ServerCredentials:
+    """Server TLS; with a client CA, mutual TLS (clients must present a certificate it signed).
+
+    The files are checked with Python's ssl first: gRPC itself only says "Failed to bind"."""
+    if not config.tls_key:
+        raise OSError("TLS needs both a certificate and its private key (--tls-cert and --tls-key)")
+    check = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    try:
+        check.load_cert_chain(config.tls_cert, config.tls_key)
+    except ssl.SSLError as exc:
+        raise OSError(f"{config.tls_cert} and {config.tls_key} are not a matching PEM certificate and key: {exc}") from None
+    if config.tls_client_ca:
+        try:
+            check.load_verify_locations(config.tls_client_ca)
+        except ssl.SSLError as exc:
+            raise OSError(f"{config.tls_client_ca} is not a PEM CA certificate: {exc}") from None
     key, cert = Path(config.tls_key).read_bytes(), Path(config.tls_cert).read_bytes()
     ca = Path(config.tls_client_ca).read_bytes() if config.tls_client_ca else None
     return grpc.ssl_server_credentials([(key, cert)], root_certificates=ca, require_client_auth=ca is not None)
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return host == "localhost"
 
 
 async def run(config: ServerConfig) -> None:
@@ -135,8 +190,13 @@ async def run(config: ServerConfig) -> None:
     app = await create_app(config)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
+
+    def on_signal(sig: signal.Signals) -> None:
+        log.info("event=signal signal=%s already_draining=%s", sig.name, stop.is_set())
+        stop.set()
+
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, on_signal, sig)
     try:
         loader = asyncio.create_task(app.load())
         stopped = asyncio.create_task(stop.wait())

@@ -202,7 +202,7 @@ class Batcher(Generic[T, R]):
         try:
             results = await self._run_batch([p.item for p in batch])
         except Exception as exc:
-            log.error("batch of %d failed on model %r: %s", len(batch), self.name, exc, exc_info=exc)
+            log.error("event=batch_failed model=%s batch_size=%d reason=%r", self.name, len(batch), str(exc), exc_info=exc)
             failure = InferenceFailed(f"inference failed for this batch: {exc}")
             for p in batch:
                 _set_exception(p.future, failure)
@@ -218,4 +218,4 @@ class Batcher(Generic[T, R]):
     def _finished(self, task: asyncio.Task[None]) -> None:
         self._running.discard(task)
         if not task.cancelled() and task.exception() is not None:
-            log.error("batch task crashed on model %r", self.name, exc_info=task.exception())
+            log.error("event=batch_task_crashed model=%s", self.name, exc_info=task.exception())

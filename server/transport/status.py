@@ -1,14 +1,10 @@
-"""The one place domain errors become gRPC status codes."""
+"""The one place domain errors become gRPC status codes. Pure: the servicer does the logging."""
 
 from __future__ import annotations
-
-import logging
 
 import grpc
 
 from mobiserve.server import errors
-
-log = logging.getLogger(__name__)
 
 _CODES: list[tuple[type[Exception], grpc.StatusCode]] = [
     (errors.InvalidInput, grpc.StatusCode.INVALID_ARGUMENT),
@@ -21,9 +17,13 @@ _CODES: list[tuple[type[Exception], grpc.StatusCode]] = [
 
 
 def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str]:
-    """(code, message) for an exception; anything unexpected is INTERNAL and logged."""
+    """(code, message) for an exception; anything unexpected is INTERNAL."""
     for kind, code in _CODES:
         if isinstance(exc, kind):
             return code, str(exc)
-    log.error("unexpected error: %r", exc, exc_info=exc)
     return grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}"
+
+
+def is_unexpected(exc: BaseException) -> bool:
+    """True for a bug rather than a domain error: its traceback belongs in the log."""
+    return not isinstance(exc, errors.MobiserveError)
