@@ -47,6 +47,10 @@ class ModelConfig:
     intra_op_threads: int = 0  # 0: the cores divided among instances
     allow_spinning: bool = False
 
+    def __post_init__(self) -> None:
+        _at_least(self, 1, "max_batch_size")
+        _at_least(self, 0, "max_queue_delay_ms", "max_queue_size", "instances", "intra_op_threads")
+
     def resolved(self) -> "ModelConfig":
         """Fill the CPU-derived defaults for this machine."""
         instances = self.instances or default_instances()
@@ -72,6 +76,10 @@ class ServerConfig:
     tls_client_ca: str = ""
 
     def __post_init__(self) -> None:
+        _at_least(self, 0, "port", "metrics_port", "grace_s")
+        _at_least(self, 1, "max_message_bytes", "max_images_per_request", "max_pixels", "preprocess_threads")
+        if self.default_timeout_s <= 0:
+            raise ValueError(f"default_timeout_s must be positive, got {self.default_timeout_s}")
         if not self.models:
             raise ValueError("no models configured")
         names = [m.name for m in self.models]
@@ -83,6 +91,13 @@ class ServerConfig:
     @property
     def default(self) -> str:
         return self.default_model or self.models[0].name
+
+
+def _at_least(config: object, minimum: float, *names: str) -> None:
+    for name in names:
+        value = getattr(config, name)
+        if value < minimum:
+            raise ValueError(f"{name} must be at least {minimum}, got {value}")
 
 
 _MODEL_KEYS = {f.name for f in dataclasses.fields(ModelConfig)}
@@ -107,5 +122,8 @@ def load_toml(path: str | Path, **overrides: Any) -> ServerConfig:
             if key in entry:
                 entry[key] = str((path.parent / entry[key]).resolve())
         models.append(ModelConfig(**entry))
+    for key in ("tls_cert", "tls_key", "tls_client_ca"):
+        if server.get(key):
+            server[key] = str((path.parent / server[key]).resolve())
     server.update({k: v for k, v in overrides.items() if v is not None})
     return ServerConfig(models=tuple(models), **server)

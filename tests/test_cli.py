@@ -119,3 +119,14 @@ def test_models_pull_without_network_says_what_to_do(tmp_path: Path) -> None:
     r = run("models", "pull", "int8", "--from", f"http://127.0.0.1:{free_port()}", "--dir", str(tmp_path))
     assert r.returncode != 0
     assert "--model PATH" in r.stderr and "--from" in r.stderr
+
+
+@pytest.mark.parametrize(
+    ("flag", "value", "message"),
+    [("--max-batch-size", "0", "max_batch_size must be at least 1, got 0"),
+     ("--max-queue-size", "-1", "max_queue_size must be at least 0, got -1")],
+)
+def test_out_of_range_knobs_are_refused_in_one_line(int8_model: Path, flag: str, value: str, message: str) -> None:
+    r = run("serve", "--model", str(int8_model), "--port", str(free_port()), flag, value)
+    assert r.returncode != 0
+    assert r.stderr.strip().splitlines() == [f"mobiserve: error: {message}"]

@@ -201,6 +201,8 @@ class Batcher(Generic[T, R]):
         started = loop.time()
         try:
             results = await self._run_batch([p.item for p in batch])
+            if len(results) != len(batch):
+                raise RuntimeError(f"the model returned {len(results)} results for a batch of {len(batch)}")
         except Exception as exc:
             log.error("event=batch_failed model=%s batch_size=%d reason=%r", self.name, len(batch), str(exc), exc_info=exc)
             failure = InferenceFailed(f"inference failed for this batch: {exc}")
@@ -210,7 +212,7 @@ class Batcher(Generic[T, R]):
             took = loop.time() - started
             if self._on_batch is not None:
                 self._on_batch(len(batch), took)
-            for p, value in zip(batch, results, strict=True):
+            for p, value in zip(batch, results):
                 _set_result(p.future, Batched(value, started - p.enqueued, took, len(batch)))
         finally:
             self._slots.release()

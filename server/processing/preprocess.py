@@ -114,7 +114,7 @@ def _to_rgb(image: Image.Image) -> Image.Image:
         wide = np.asarray(image, dtype=np.uint32 if image.mode == "I" else np.uint16)
         image = Image.fromarray((wide >> 8).clip(0, 255).astype(np.uint8))
     elif image.mode == "F":
-        image = Image.fromarray(np.asarray(image).clip(0, 255).astype(np.uint8))
+        image = Image.fromarray(np.nan_to_num(np.asarray(image)).clip(0, 255).astype(np.uint8))
     return image if image.mode == "RGB" else image.convert("RGB")
 
 
