@@ -14,7 +14,7 @@ import logging
 import signal
 import ssl
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
@@ -54,12 +54,13 @@ class App:
     servicer: ClassifierServicer
     metrics: Metrics
     preprocess_pool: ThreadPoolExecutor
+    served: list[ServedModel] = field(default_factory=list)
 
     async def load(self) -> ModelRegistry:
         """Load and warm every model, then turn SERVING. Raises ModelLoadError on a bad model."""
         loop = asyncio.get_running_loop()
         limits = ImageLimits(max_pixels=self.config.max_pixels)
-        served = []
+        served = self.served
         for config in self.config.models:
             config = config.resolved()
             model = await loop.run_in_executor(None, load_model, config)
@@ -72,7 +73,7 @@ class App:
             log.info("event=model_loaded model=%s path=%s instances=%d intra_op_threads=%d max_batch_size=%d",
                      config.name, config.path, config.instances, config.intra_op_threads, config.max_batch_size)
         registry = ModelRegistry(served, self.config.default)
-        for model in registry:
+        for model in served:
             model.start()
             self.metrics.model_ready.labels(model.name).set(1)
             log.info("event=model_ready model=%s", model.name)
@@ -95,8 +96,7 @@ class App:
         end = loop.time() + grace
         log.info("event=draining grace_s=%.1f", grace)
         await self.health.enter_graceful_shutdown()
-        registry = self.servicer.registry
-        for model in registry or ():
+        for model in self.served:
             self.metrics.model_ready.labels(model.name).set(0)
         self.servicer.drain()
         try:
@@ -104,7 +104,7 @@ class App:
         except asyncio.TimeoutError:
             log.warning("event=grace_expired message=%r", "requests still in flight after the grace period are cancelled")
         await self.server.stop(max(0.0, end - loop.time()))
-        for model in registry or ():
+        for model in self.served:
             await model.close()
             log.info("event=model_unloaded model=%s", model.name)
         self.preprocess_pool.shutdown(wait=False, cancel_futures=True)

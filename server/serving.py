@@ -9,15 +9,17 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 
 from mobiserve.server.batching import Batched, Batcher
 from mobiserve.server.config import ModelConfig
 from mobiserve.server.errors import DeadlineExceeded, InvalidInput, ModelNotFound
+from mobiserve.server.processing.labels import Labels
 from mobiserve.server.processing.preprocess import ImageLimits, preprocess_encoded, preprocess_tensor
 from mobiserve.server.runtime.model import Model
 
@@ -58,6 +60,48 @@ class Classified:
 
 
 _Scores = tuple[np.ndarray, np.ndarray]  # one image's (probabilities, order)
+
+
+class Servable(Protocol):
+    """What the transport needs of a served model (ServedModel; the bench's unbatched server)."""
+
+    config: ModelConfig
+    model: Model
+
+    @property
+    def name(self) -> str: ...
+
+    async def classify(self, images: Sequence[ImageInput], top_k: int = 0, deadline: float | None = None) -> Classified: ...
+
+
+def checked_top_k(images: Sequence[ImageInput], top_k: int, model: Model, max_images: int) -> int:
+    """Validate a request's shape before any work; returns top_k with 0 meaning the default."""
+    top_k = top_k or DEFAULT_TOP_K
+    if not images:
+        raise InvalidInput("request has no images")
+    if len(images) > max_images:
+        raise InvalidInput(f"request has {len(images)} images; the limit is {max_images}")
+    if top_k > model.num_classes:
+        raise InvalidInput(f"top_k is {top_k}; the model has {model.num_classes} classes")
+    return top_k
+
+
+def prepare(index: int, image: ImageInput, limits: ImageLimits, deadline: float | None = None) -> np.ndarray:
+    """Worker thread: one image -> model input; drops expired work before spending CPU on it
+    and names the image in any error."""
+    if deadline is not None and time.monotonic() >= deadline:
+        raise DeadlineExceeded("deadline passed before preprocessing; not run")
+    try:
+        if isinstance(image, RawTensor):
+            return preprocess_tensor(image.shape, image.dtype, image.data, limits)
+        return preprocess_encoded(image, limits)
+    except InvalidInput as exc:
+        raise InvalidInput(f"image {index}: {exc}") from None
+
+
+def top_classes(labels: Labels, scores: _Scores, top_k: int) -> list[ClassScore]:
+    probabilities, order = scores
+    return [ClassScore(int(i), labels.wnids[i], labels.names[i], float(probabilities[i])) for i in order[:top_k]]
 
 
 class ServedModel:
@@ -102,44 +146,20 @@ class ServedModel:
 
     async def classify(self, images: Sequence[ImageInput], top_k: int = 0, deadline: float | None = None) -> Classified:
         """Classify images; `deadline` is on the event loop's clock (time.monotonic)."""
-        top_k = top_k or DEFAULT_TOP_K
-        if not images:
-            raise InvalidInput("request has no images")
-        if len(images) > self.max_images_per_request:
-            raise InvalidInput(f"request has {len(images)} images; the limit is {self.max_images_per_request}")
-        if top_k > self.model.num_classes:
-            raise InvalidInput(f"top_k is {top_k}; model {self.name!r} has {self.model.num_classes} classes")
+        top_k = checked_top_k(images, top_k, self.model, self.max_images_per_request)
         loop = asyncio.get_running_loop()
         with self.batcher.admit(len(images)) as admission:
             started = time.perf_counter()
             items = await asyncio.gather(
-                *(loop.run_in_executor(self._preprocess_pool, self._prepare, i, image, deadline) for i, image in enumerate(images))
+                *(loop.run_in_executor(self._preprocess_pool, prepare, i, image, self.limits, deadline) for i, image in enumerate(images))
             )
             preprocess_s = time.perf_counter() - started
             batched = await self.batcher.submit(admission, items, deadline)
-        return Classified(self.name, [self._top(b.value, top_k) for b in batched], _timing(preprocess_s, batched))
-
-    def _prepare(self, index: int, image: ImageInput, deadline: float | None) -> np.ndarray:
-        """Worker thread: drop expired work before spending CPU on it; name the image on error."""
-        if deadline is not None and time.monotonic() >= deadline:
-            raise DeadlineExceeded("deadline passed before preprocessing; not run")
-        try:
-            if isinstance(image, RawTensor):
-                return preprocess_tensor(image.shape, image.dtype, image.data, self.limits)
-            return preprocess_encoded(image, self.limits)
-        except InvalidInput as exc:
-            raise InvalidInput(f"image {index}: {exc}") from None
+        return Classified(self.name, [top_classes(self.model.labels, b.value, top_k) for b in batched], _timing(preprocess_s, batched))
 
     async def _run_batch(self, items: list[np.ndarray]) -> list[_Scores]:
         scores = await asyncio.get_running_loop().run_in_executor(self._infer_pool, self.model.infer, items)
         return list(zip(scores.probabilities, scores.order))
-
-    def _top(self, scores: _Scores, top_k: int) -> list[ClassScore]:
-        probabilities, order = scores
-        labels = self.model.labels
-        return [
-            ClassScore(int(i), labels.wnids[i], labels.names[i], float(probabilities[i])) for i in order[:top_k]
-        ]
 
 
 def _timing(preprocess_s: float, batched: list[Batched[_Scores]]) -> Timing:
@@ -156,15 +176,15 @@ def _timing(preprocess_s: float, batched: list[Batched[_Scores]]) -> Timing:
 class ModelRegistry:
     """Served models by name, with a default for requests that name none."""
 
-    def __init__(self, models: Sequence[ServedModel], default: str):
+    def __init__(self, models: Sequence[Servable], default: str):
         self.models = {m.name: m for m in models}
         self.default = default
 
-    def get(self, name: str) -> ServedModel:
+    def get(self, name: str) -> Servable:
         try:
             return self.models[name or self.default]
         except KeyError:
             raise ModelNotFound(f"model {name!r} not found; this server serves: {', '.join(self.models)}") from None
 
-    def __iter__(self):  # type: ignore[no-untyped-def]
+    def __iter__(self) -> Iterator[Servable]:
         return iter(self.models.values())

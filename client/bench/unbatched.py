@@ -14,116 +14,66 @@ import argparse
 import asyncio
 import signal
 import time
-from collections.abc import AsyncIterator
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
-import numpy as np
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from mobiserve.server.config import IMAGENET_SYNSETS
-from mobiserve.server.errors import InvalidInput
+from mobiserve.server.config import IMAGENET_SYNSETS, ModelConfig
+from mobiserve.server.metrics import Metrics
 from mobiserve.server.processing.labels import Labels
-from mobiserve.server.processing.preprocess import ImageLimits, preprocess_encoded, preprocess_tensor
+from mobiserve.server.processing.preprocess import ImageLimits
 from mobiserve.server.runtime.model import Model
 from mobiserve.server.runtime.session import SessionTuning, available_cores
-from mobiserve.server.serving import DEFAULT_TOP_K, ClassScore, Classified, ImageInput, RawTensor, Timing
-from mobiserve.server.transport.convert import images_of, response_of
-from mobiserve.server.transport.status import status_of
-from mobiserve.v1 import classifier_pb2 as pb
+from mobiserve.server.serving import Classified, ImageInput, ModelRegistry, Timing, checked_top_k, prepare, top_classes
+from mobiserve.server.transport.servicer import ClassifierServicer
 from mobiserve.v1 import classifier_pb2_grpc as pb_grpc
 
 NAME = "unbatched"
 
 
-class UnbatchedServicer(pb_grpc.ClassifierServicer):
-    def __init__(self, model: Model, threads: int, limits: ImageLimits = ImageLimits()):
+class UnbatchedModel:
+    """A `Servable` with no batcher: each request runs whole (preprocess + one onnxruntime call)
+    in one worker thread. Served by mobiserve's own servicer, so transport, errors and streams are
+    identical and only the batching differs."""
+
+    def __init__(self, model: Model, threads: int, limits: ImageLimits = ImageLimits(), max_images: int = 256):
         self.model = model
         self.limits = limits
-        self.pool = ThreadPoolExecutor(threads, thread_name_prefix="request")
+        self.max_images = max_images
+        self.config = ModelConfig(name=NAME, path=model.path, max_batch_size=1, instances=threads,
+                                  intra_op_threads=model.tuning.intra_op_threads, max_queue_size=0)
+        self._pool = ThreadPoolExecutor(threads, thread_name_prefix="request")
 
-    async def Classify(self, request: pb.ClassifyRequest, context: grpc.aio.ServicerContext) -> pb.ClassifyResponse:
-        try:
-            return await self._answer(request)
-        except Exception as exc:
-            await context.abort(*status_of(exc))
-            raise
+    @property
+    def name(self) -> str:
+        return NAME
 
-    async def ClassifyStream(
-        self, request_iterator: AsyncIterator[pb.ClassifyRequest], context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[pb.ClassifyResponse]:
-        """Every request answered as soon as it is done, like mobiserve's stream (without its window)."""
-        answers: asyncio.Queue[pb.ClassifyResponse | None] = asyncio.Queue()
-
-        async def answer(request: pb.ClassifyRequest) -> None:
-            try:
-                response = await self._answer(request)
-            except Exception as exc:
-                code, message = status_of(exc)
-                response = pb.ClassifyResponse(request_id=request.request_id, error=pb.Error(code=code.value[0], message=message))
-            answers.put_nowait(response)
-
-        handlers: set[asyncio.Task[None]] = set()
-
-        async def read() -> None:
-            try:
-                async for request in request_iterator:
-                    task = asyncio.create_task(answer(request))
-                    handlers.add(task)
-                    task.add_done_callback(handlers.discard)
-            finally:
-                await asyncio.gather(*handlers, return_exceptions=True)
-                answers.put_nowait(None)
-
-        reader = asyncio.create_task(read())
-        try:
-            while (response := await answers.get()) is not None:
-                yield response
-            await reader
-        finally:
-            reader.cancel()
-            for task in list(handlers):
-                task.cancel()
-
-    async def _answer(self, request: pb.ClassifyRequest) -> pb.ClassifyResponse:
-        arrived = time.perf_counter()
-        images = images_of(request)
-        if not images:
-            raise InvalidInput("request has no images")
-        result = await asyncio.get_running_loop().run_in_executor(
-            self.pool, self._classify, images, request.top_k or DEFAULT_TOP_K, arrived
+    async def classify(self, images: Sequence[ImageInput], top_k: int = 0, deadline: float | None = None) -> Classified:
+        top_k = checked_top_k(images, top_k, self.model, self.max_images)
+        return await asyncio.get_running_loop().run_in_executor(
+            self._pool, self._classify, images, top_k, deadline, time.perf_counter()
         )
-        return response_of(request, result)
 
-    def _classify(self, images: list[ImageInput], top_k: int, arrived: float) -> Classified:
-        """Worker thread: the whole request, with one onnxruntime call for all its images."""
+    def _classify(self, images: Sequence[ImageInput], top_k: int, deadline: float | None, arrived: float) -> Classified:
         started = time.perf_counter()
-        items = [self._prepare(i, image) for i, image in enumerate(images)]
+        items = [prepare(i, image, self.limits, deadline) for i, image in enumerate(images)]
         prepared = time.perf_counter()
         scores = self.model.infer(items)
         done = time.perf_counter()
-        labels = self.model.labels
-        results = [
-            [ClassScore(int(i), labels.wnids[i], labels.names[i], float(p[i])) for i in order[:top_k]]
-            for p, order in zip(scores.probabilities, scores.order)
-        ]
+        results = [top_classes(self.model.labels, s, top_k) for s in zip(scores.probabilities, scores.order)]
         timing = Timing(int((started - arrived) * 1e6), int((prepared - started) * 1e6), int((done - prepared) * 1e6), len(items))
         return Classified(NAME, results, timing)
-
-    def _prepare(self, index: int, image: ImageInput) -> np.ndarray:
-        try:
-            if isinstance(image, RawTensor):
-                return preprocess_tensor(image.shape, image.dtype, image.data, self.limits)
-            return preprocess_encoded(image, self.limits)
-        except InvalidInput as exc:
-            raise InvalidInput(f"image {index}: {exc}") from None
 
 
 async def serve(model_path: str, host: str, port: int, threads: int, intra_op_threads: int) -> None:
     model = Model(model_path, Labels.load(IMAGENET_SYNSETS), SessionTuning(intra_op_threads=intra_op_threads))
     model.warm_up(1)
     server = grpc.aio.server(options=[("grpc.max_receive_message_length", 256 << 20), ("grpc.so_reuseport", 0)])
-    pb_grpc.add_ClassifierServicer_to_server(UnbatchedServicer(model, threads), server)
+    servicer = ClassifierServicer(Metrics(), default_timeout_s=30.0, model_names=[NAME])
+    servicer.registry = ModelRegistry([UnbatchedModel(model, threads)], NAME)
+    pb_grpc.add_ClassifierServicer_to_server(servicer, server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     server.add_insecure_port(f"{host}:{port}")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from mobiserve.server.errors import InvalidInput
 from mobiserve.server.processing.preprocess import PREPROCESSING, INPUT_SIZE
-from mobiserve.server.serving import Classified, ImageInput, RawTensor, ServedModel
+from mobiserve.server.serving import Classified, ImageInput, RawTensor, Servable
 from mobiserve.v1 import classifier_pb2 as pb
 
 
@@ -35,7 +35,7 @@ def response_of(request: pb.ClassifyRequest, result: Classified) -> pb.ClassifyR
     )
 
 
-def model_info(model: ServedModel, is_default: bool) -> pb.ModelInfo:
+def model_info(model: Servable, is_default: bool) -> pb.ModelInfo:
     c = model.config
     return pb.ModelInfo(
         name=c.name,
