@@ -17,6 +17,7 @@ import pytest
 import pytest_asyncio
 from PIL import Image
 
+from mobiserve.client.bench.baseline import card_preprocess
 from mobiserve.server.app import App, create_app
 from mobiserve.server.config import ModelConfig, ServerConfig
 from mobiserve.v1 import classifier_pb2 as pb
@@ -98,16 +99,7 @@ def stub(channel: grpc.aio.Channel) -> pb_grpc.ClassifierStub:
 def card_pipeline(path_or_bytes: Path | bytes) -> np.ndarray:
     """The model card's preprocessing, written out plainly with Pillow: the reference we must match."""
     data = path_or_bytes.read_bytes() if isinstance(path_or_bytes, Path) else path_or_bytes
-    im = Image.open(io.BytesIO(data)).convert("RGB")
-    w, h = im.size
-    s = 256 / min(w, h)
-    im = im.resize((round(w * s), round(h * s)), Image.BILINEAR)
-    w, h = im.size
-    left, top = (w - 224) // 2, (h - 224) // 2
-    x = np.asarray(im.crop((left, top, left + 224, top + 224)), np.float32) / 255
-    mean = np.array([0.485, 0.456, 0.406], np.float32)
-    std = np.array([0.229, 0.224, 0.225], np.float32)
-    return ((x - mean) / std).transpose(2, 0, 1)
+    return card_preprocess(data)
 
 
 def request_of(*images: bytes, **fields: object) -> pb.ClassifyRequest:

@@ -159,3 +159,31 @@ async def test_close_runs_everything_already_queued(model: FakeModel) -> None:
     model.release.set()
     await closing
     assert [await t for t in tasks] == [[i * 10] for i in range(5)]
+
+
+async def test_an_idle_slot_can_be_claimed_and_queued_work_waits_for_it(model: FakeModel) -> None:
+    b = Batcher(model, max_batch_size=8)
+    b.start()
+    assert await b.claim_if_idle()  # idle: the lone request may skip the queue
+    assert not await b.claim_if_idle()  # the only slot is taken
+    waiting = asyncio.create_task(submit(b, 5))
+    await settle()
+    assert model.batches == []  # queued behind the claimed slot
+    b.release()
+    model.release.set()
+    assert await waiting == [50]
+    await b.close()
+
+
+async def test_no_claim_while_work_is_queued(model: FakeModel) -> None:
+    b = Batcher(model, max_batch_size=8, concurrency=2)
+    b.start()
+    first = asyncio.create_task(submit(b, 0))
+    await model.started.wait()
+    assert await b.claim_if_idle()  # one slot busy, one free, nothing queued: still no one overtaken
+    b.release()
+    with b.admit(1):  # someone admitted (preprocessing): a claim would overtake them
+        assert not await b.claim_if_idle()
+    model.release.set()
+    await first
+    await b.close()

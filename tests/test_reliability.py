@@ -82,7 +82,8 @@ def gate_session(app: App) -> GatedSession:
 
 async def start_gated(int8_model: Path, **settings: object) -> tuple[App, GatedSession]:
     app = await start_server(
-        model_config(int8_model, instances=1, max_batch_size=8, max_queue_size=QUEUE_LIMIT),
+        # spinning on: no separate small-batch session, so the gated session sees every batch
+        model_config(int8_model, instances=1, max_batch_size=8, max_queue_size=QUEUE_LIMIT, allow_spinning=True),
         max_images_per_request=MAX_IMAGES, max_pixels=MAX_PIXELS, max_message_bytes=MAX_MESSAGE, **settings,
     )
     return app, gate_session(app)

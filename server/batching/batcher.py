@@ -110,6 +110,17 @@ class Batcher(Generic[T, R]):
     def queued(self) -> int:
         return len(self._queue)
 
+    async def claim_if_idle(self) -> bool:
+        """Take a session slot for one item that skips the queue, if nothing is admitted or
+        queued and a slot is free: then it overtakes no one. Give it back with `release()`."""
+        if self._closing or self.admitted or self._queue or self._slots.locked():
+            return False
+        await self._slots.acquire()  # free: returns without suspending
+        return True
+
+    def release(self) -> None:
+        self._slots.release()
+
     def start(self) -> None:
         self._loop_task = asyncio.get_running_loop().create_task(self._loop(), name=f"batcher:{self.name}")
 
@@ -152,18 +163,14 @@ class Batcher(Generic[T, R]):
             await asyncio.gather(*self._running, return_exceptions=True)
 
     async def _loop(self) -> None:
-        while True:
-            await self._slots.acquire()
-            batch = await self._next_batch()
-            if batch is None:
-                self._slots.release()
-                return
+        while (batch := await self._next_batch()) is not None:
             task = asyncio.create_task(self._run(batch))
             self._running.add(task)
             task.add_done_callback(self._finished)
 
     async def _next_batch(self) -> list[_Pending[T, R]] | None:
-        """Block for the first item, wait out what is left of the window, drain without awaiting."""
+        """Block for the first item and a free session slot, wait out what is left of the
+        window, drain without awaiting. Returns holding the slot; None once closed and empty."""
         loop = asyncio.get_running_loop()
         while True:
             while not self._queue:
@@ -171,8 +178,9 @@ class Batcher(Generic[T, R]):
                     return None
                 self._arrived.clear()  # only cleared when the queue is empty: no lost wake-up
                 await self._arrived.wait()
+            await self._slots.acquire()
             if self.max_queue_delay_s > 0 and not self._closing:
-                window_end = self._queue[0].enqueued + self.max_queue_delay_s
+                window_end = self._queue[0].enqueued + self.max_queue_delay_s if self._queue else loop.time()
                 while len(self._queue) < self.max_batch_size and (left := window_end - loop.time()) > 0:
                     self._arrived.clear()
                     try:
@@ -182,6 +190,7 @@ class Batcher(Generic[T, R]):
             batch = self._drain(loop.time())
             if batch:
                 return batch
+            self._slots.release()  # everything queued had gone away meanwhile
 
     def _drain(self, now: float) -> list[_Pending[T, R]]:
         batch: list[_Pending[T, R]] = []
