@@ -4,6 +4,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python}
+# mypy-protobuf's protoc plugins live beside that Python
+PATH="$(cd "$(dirname "$(command -v "$PY")")" && pwd):$PATH"
 "$PY" -m grpc_tools.protoc -Iprotos \
   --python_out=protos --grpc_python_out=protos \
   --mypy_out=protos --mypy_grpc_out=protos \
