@@ -7,6 +7,7 @@ import asyncio
 import gc
 import importlib
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -165,7 +166,8 @@ def _default_model() -> Path:
 
     path = zoo.DEFAULT_MODELS_DIR / zoo.DEFAULT_MODEL.filename
     if not path.is_file():
-        print(f"mobiserve: {path} is missing; pulling it from the ONNX model zoo ...", file=sys.stderr)
+        source = os.environ.get(zoo.MIRROR_ENV) or "the ONNX model zoo"
+        print(f"mobiserve: {path} is missing; pulling it from {source} (sha256-checked) ...", file=sys.stderr)
         try:
             zoo.pull(zoo.DEFAULT_MODEL)
         except zoo.ZooError as exc:
