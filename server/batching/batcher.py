@@ -106,10 +106,6 @@ class Batcher(Generic[T, R]):
         self._closing = False
         self._loop_task: asyncio.Task[None] | None = None
 
-    @property
-    def queued(self) -> int:
-        return len(self._queue)
-
     async def claim_if_idle(self) -> bool:
         """Take a session slot for one item that skips the queue, if nothing is admitted or
         queued and a slot is free: then it overtakes no one. Give it back with `release()`."""
