@@ -19,17 +19,13 @@ TOML (paths relative to the file):
 from __future__ import annotations
 
 import dataclasses
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from mobiserve.server.runtime.session import available_cores, default_instances, default_intra_op_threads
 
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
+import tomllib
 
 IMAGENET_SYNSETS = Path(__file__).parent / "processing" / "imagenet_synsets.txt"
 
