@@ -19,13 +19,12 @@ TOML (paths relative to the file):
 from __future__ import annotations
 
 import dataclasses
+import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from mobiserve.server.runtime.session import available_cores, default_instances, default_intra_op_threads
-
-import tomllib
 
 IMAGENET_SYNSETS = Path(__file__).parent / "processing" / "imagenet_synsets.txt"
 
