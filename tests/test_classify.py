@@ -10,7 +10,7 @@ import grpc
 import numpy as np
 from PIL import Image
 
-from conftest import card_pipeline, encode, request_of
+from conftest import card_pipeline, request_of
 from mobiserve.server.app import App
 from mobiserve.v1 import classifier_pb2 as pb
 from mobiserve.v1 import classifier_pb2_grpc as pb_grpc
