@@ -99,6 +99,19 @@ def prepare(index: int, image: ImageInput, limits: ImageLimits, deadline: float 
         raise InvalidInput(f"image {index}: {exc}") from None
 
 
+def run_whole(
+    model: Model, images: Sequence[ImageInput], limits: ImageLimits, deadline: float | None = None
+) -> tuple[list[_Scores], Timing]:
+    """Worker thread: preprocess and infer one request in a single trip, with no batcher."""
+    started = time.perf_counter()
+    items = [prepare(i, image, limits, deadline) for i, image in enumerate(images)]
+    prepared = time.perf_counter()
+    scores = model.infer(items)
+    took = time.perf_counter() - prepared
+    timing = Timing(0, int((prepared - started) * 1e6), int(took * 1e6), len(items))
+    return list(zip(scores.probabilities, scores.order)), timing
+
+
 def top_classes(labels: Labels, scores: _Scores, top_k: int) -> list[ClassScore]:
     probabilities, order = scores
     return [ClassScore(int(i), labels.wnids[i], labels.names[i], float(probabilities[i])) for i in order[:top_k]]
@@ -168,14 +181,10 @@ class ServedModel:
         return Classified(self.name, [top_classes(self.model.labels, b.value, top_k) for b in batched], _timing(preprocess_s, batched))
 
     def _run_alone(self, image: ImageInput, deadline: float | None) -> tuple[_Scores, Timing]:
-        started = time.perf_counter()
-        item = prepare(0, image, self.limits, deadline)
-        prepared = time.perf_counter()
-        scores = self.model.infer([item])
-        took = time.perf_counter() - prepared
+        (scores,), timing = run_whole(self.model, [image], self.limits, deadline)
         if self._on_batch is not None:
-            self._on_batch(1, took)
-        return (scores.probabilities[0], scores.order[0]), Timing(0, int((prepared - started) * 1e6), int(took * 1e6), 1)
+            self._on_batch(1, timing.inference_us / 1e6)
+        return scores, timing
 
     async def _run_batch(self, items: list[np.ndarray]) -> list[_Scores]:
         scores = await asyncio.get_running_loop().run_in_executor(self._infer_pool, self.model.infer, items)

@@ -11,6 +11,7 @@ Run: python -m mobiserve.client.bench.unbatched --model PATH --port PORT
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import asyncio
 import signal
 import time
@@ -26,7 +27,7 @@ from mobiserve.server.processing.labels import Labels
 from mobiserve.server.processing.preprocess import ImageLimits
 from mobiserve.server.runtime.model import Model
 from mobiserve.server.runtime.session import SessionTuning, available_cores
-from mobiserve.server.serving import Classified, ImageInput, ModelRegistry, Timing, checked_top_k, prepare, top_classes
+from mobiserve.server.serving import Classified, ImageInput, ModelRegistry, checked_top_k, run_whole, top_classes
 from mobiserve.server.transport.servicer import ClassifierServicer
 from mobiserve.v1 import classifier_pb2_grpc as pb_grpc
 
@@ -57,14 +58,10 @@ class UnbatchedModel:
         )
 
     def _classify(self, images: Sequence[ImageInput], top_k: int, deadline: float | None, arrived: float) -> Classified:
-        started = time.perf_counter()
-        items = [prepare(i, image, self.limits, deadline) for i, image in enumerate(images)]
-        prepared = time.perf_counter()
-        scores = self.model.infer(items)
-        done = time.perf_counter()
-        results = [top_classes(self.model.labels, s, top_k) for s in zip(scores.probabilities, scores.order)]
-        timing = Timing(int((started - arrived) * 1e6), int((prepared - started) * 1e6), int((done - prepared) * 1e6), len(items))
-        return Classified(NAME, results, timing)
+        waited = time.perf_counter() - arrived  # for a free worker thread
+        scores, timing = run_whole(self.model, images, self.limits, deadline)
+        results = [top_classes(self.model.labels, s, top_k) for s in scores]
+        return Classified(NAME, results, dataclasses.replace(timing, queue_us=int(waited * 1e6)))
 
 
 async def serve(model_path: str, host: str, port: int, threads: int, intra_op_threads: int) -> None:

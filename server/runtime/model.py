@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import queue
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -66,35 +67,42 @@ class Model:
     def infer(self, items: Sequence[np.ndarray]) -> BatchScores:
         """uint8 crops / float32 inputs -> scores. Blocks on a free session if all are busy."""
         batch = assemble(items)
-        if self._spinning is not None and len(items) <= SMALL_BATCH and self._spinning_busy.acquire(blocking=False):
-            try:
-                logits = self._spinning.run([self.output_name], {self.input_name: batch})[0]
-            finally:
-                self._spinning_busy.release()
-        else:
-            session = self._free.get()
-            try:
-                logits = session.run([self.output_name], {self.input_name: batch})[0]
-            finally:
-                self._free.put(session)
+        with self._session(len(items)) as session:
+            logits = self._run(session, batch)
         return BatchScores(softmax(logits), rank(logits))
 
     def warm_up(self, max_batch_size: int) -> None:
-        """Run each session once at batch 1 and at the largest batch: allocations happen now,
+        """Run every session at each batch size it will meet first: allocations happen now,
         not on the first caller's request."""
         sessions = [self._free.get() for _ in range(self.instances)]
         try:
-            for session in sessions:
-                for n in sorted({1, max_batch_size}):
-                    x = np.zeros((n, 3, INPUT_SIZE, INPUT_SIZE), dtype=np.float32)
-                    session.run([self.output_name], {self.input_name: x})
+            runs = [(session, sorted({1, max_batch_size})) for session in sessions]
             if self._spinning is not None:
-                for n in range(1, SMALL_BATCH + 1):
-                    x = np.zeros((n, 3, INPUT_SIZE, INPUT_SIZE), dtype=np.float32)
-                    self._spinning.run([self.output_name], {self.input_name: x})
+                runs.append((self._spinning, list(range(1, SMALL_BATCH + 1))))
+            for session, sizes in runs:
+                for n in sizes:
+                    self._run(session, np.zeros((n, 3, INPUT_SIZE, INPUT_SIZE), dtype=np.float32))
         finally:
             for session in sessions:
                 self._free.put(session)
+
+    @contextmanager
+    def _session(self, batch_size: int) -> Iterator[ort.InferenceSession]:
+        """The spinning session for a small batch when it is free, else a regular one."""
+        if self._spinning is not None and batch_size <= SMALL_BATCH and self._spinning_busy.acquire(blocking=False):
+            try:
+                yield self._spinning
+            finally:
+                self._spinning_busy.release()
+            return
+        session = self._free.get()
+        try:
+            yield session
+        finally:
+            self._free.put(session)
+
+    def _run(self, session: ort.InferenceSession, batch: np.ndarray) -> np.ndarray:
+        return session.run([self.output_name], {self.input_name: batch})[0]
 
 
 def _check_signature(session: ort.InferenceSession, path: str | Path) -> tuple[str, str, int]:
