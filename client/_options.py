@@ -90,10 +90,12 @@ def channel_options(
         "grpc.service_config_disable_resolution": 1,
     }
     if keepalive is not None:
-        options.update({
-            "grpc.keepalive_time_ms": keepalive.time_ms,
-            "grpc.keepalive_timeout_ms": keepalive.timeout_ms,
-            "grpc.keepalive_permit_without_calls": int(keepalive.permit_without_calls),
-        })
+        options.update(
+            {
+                "grpc.keepalive_time_ms": keepalive.time_ms,
+                "grpc.keepalive_timeout_ms": keepalive.timeout_ms,
+                "grpc.keepalive_permit_without_calls": int(keepalive.permit_without_calls),
+            }
+        )
     options.update(dict(extra))
     return list(options.items())

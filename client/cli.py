@@ -16,13 +16,19 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from tqdm import tqdm
-
 from mobiserve.client import (
-    DEFAULT_TARGET, TARGET_ENV, Classification, Client, InvalidArgument, MobiserveError, Unavailable, default_target,
+    DEFAULT_TARGET,
+    TARGET_ENV,
+    Classification,
+    Client,
+    InvalidArgument,
+    MobiserveError,
+    Unavailable,
+    default_target,
 )
 from mobiserve.client.validation import Tally, labelled_images
 from mobiserve.server.cli import fail
+from tqdm import tqdm
 
 Command = Callable[[argparse.Namespace], int]
 
@@ -36,13 +42,18 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.set_defaults(func=_classify)
 
     p = sub.add_parser(
-        "validate", help="top-1 / top-5 accuracy of a labelled image folder, classified by a running server",
+        "validate",
+        help="top-1 / top-5 accuracy of a labelled image folder, classified by a running server",
         description="DIR holds <wnid>_<anything>.<ext> files, or ImageNet-style <wnid>/ folders of images.",
     )
     p.add_argument("dir", type=Path, metavar="DIR")
-    p.add_argument("--synsets", type=Path, metavar="FILE",
-                   help="'<wnid> <name>' per line: names the classes and skips files with other labels "
-                        "(default: compare with the wnids the server answers with)")
+    p.add_argument(
+        "--synsets",
+        type=Path,
+        metavar="FILE",
+        help="'<wnid> <name>' per line: names the classes and skips files with other labels "
+        "(default: compare with the wnids the server answers with)",
+    )
     p.add_argument("--worst", type=int, default=10, metavar="N", help="worst classes to list (default 10)")
     p.add_argument("--max-in-flight", type=int, default=64, metavar="N", help="images in flight at once (default 64)")
     _add_call_options(p)
@@ -57,9 +68,12 @@ def add_list_models(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_target(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--target", metavar="HOST:PORT",
-                        help="server address, or several balanced by round_robin: ipv4:H:P,H:P or dns:///host:port "
-                             f"(default ${TARGET_ENV}, else {DEFAULT_TARGET})")
+    parser.add_argument(
+        "--target",
+        metavar="HOST:PORT",
+        help="server address, or several balanced by round_robin: ipv4:H:P,H:P or dns:///host:port "
+        f"(default ${TARGET_ENV}, else {DEFAULT_TARGET})",
+    )
 
 
 def _add_call_options(parser: argparse.ArgumentParser) -> None:
@@ -94,6 +108,7 @@ def _image_failure(exc: MobiserveError, paths: Sequence[Path]) -> int:
 
 # ------------------------------------------------------------------------------------- classify
 
+
 @_reported
 def _classify(args: argparse.Namespace) -> int:
     paths = [Path(p) for p in args.images]
@@ -124,6 +139,7 @@ def _print_classes(path: Path, result: Classification) -> None:
 
 # ------------------------------------------------------------------------------------- validate
 
+
 @_reported
 def _validate(args: argparse.Namespace) -> int:
     if not args.dir.is_dir():
@@ -137,8 +153,10 @@ def _validate(args: argparse.Namespace) -> int:
     found = labelled_images(args.dir, names or None)
     if found.skipped:
         why = "a label in --synsets" if names else "a <wnid>_ prefix or <wnid>/ folder"
-        print(f"mobiserve: skipped {len(found.skipped)} image file(s) without {why}, e.g. {found.skipped[0]}",
-              file=sys.stderr)
+        print(
+            f"mobiserve: skipped {len(found.skipped)} image file(s) without {why}, e.g. {found.skipped[0]}",
+            file=sys.stderr,
+        )
     if not found.images:
         return fail(f"no labelled images in {args.dir} (expected <wnid>_<anything>.<ext> files or <wnid>/ folders)")
     paths = [item.path for item in found.images]
@@ -158,9 +176,15 @@ def _validate(args: argparse.Namespace) -> int:
         target = client.target
     top1, top5 = tally.accuracy()
     report = {
-        "top1": top1, "top5": top5, "count": tally.count, "skipped": len(found.skipped),
-        "seconds": round(seconds, 3), "images_per_second": round(tally.count / seconds, 1),
-        "model": model, "target": target, "worst_classes": tally.worst(args.worst),
+        "top1": top1,
+        "top5": top5,
+        "count": tally.count,
+        "skipped": len(found.skipped),
+        "seconds": round(seconds, 3),
+        "images_per_second": round(tally.count / seconds, 1),
+        "model": model,
+        "target": target,
+        "worst_classes": tally.worst(args.worst),
     }
     if args.json:
         print(json.dumps(report, indent=2))
@@ -170,18 +194,23 @@ def _validate(args: argparse.Namespace) -> int:
 
 
 def _print_report(report: dict[str, Any]) -> None:
-    print(f"{report['count']} images from {report['model']} at {report['target']} in {report['seconds']:.1f} s "
-          f"({report['images_per_second']:.1f} images/s)")
+    print(
+        f"{report['count']} images from {report['model']} at {report['target']} in {report['seconds']:.1f} s "
+        f"({report['images_per_second']:.1f} images/s)"
+    )
     print(f"top-1 accuracy  {report['top1']:.4f}")
     print(f"top-5 accuracy  {report['top5']:.4f}")
     if report["worst_classes"]:
         print("\nworst classes by top-1:")
-        rows = [[w["wnid"], str(w["count"]), f"{w['top1']:.2f}", f"{w['top5']:.2f}", w["name"]]
-                for w in report["worst_classes"]]
+        rows = [
+            [w["wnid"], str(w["count"]), f"{w['top1']:.2f}", f"{w['top5']:.2f}", w["name"]]
+            for w in report["worst_classes"]
+        ]
         _print_table(["wnid", "images", "top-1", "top-5", "class"], rows, right={1, 2, 3})
 
 
 # --------------------------------------------------------------------------------------- models
+
 
 @_reported
 def _models(args: argparse.Namespace) -> int:
@@ -190,8 +219,18 @@ def _models(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps([dataclasses.asdict(m) for m in models], indent=2))
         return 0
-    rows = [[m.name + (" (default)" if m.is_default else ""), m.version, str(m.num_classes), str(m.max_batch_size),
-             f"{m.max_queue_delay_ms:g}", str(m.instances), m.path] for m in models]
+    rows = [
+        [
+            m.name + (" (default)" if m.is_default else ""),
+            m.version,
+            str(m.num_classes),
+            str(m.max_batch_size),
+            f"{m.max_queue_delay_ms:g}",
+            str(m.instances),
+            m.path,
+        ]
+        for m in models
+    ]
     header = ["model", "version", "classes", "max batch", "delay ms", "instances", "path"]
     _print_table(header, rows, right={2, 3, 4, 5})
     return 0

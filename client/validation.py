@@ -86,7 +86,12 @@ class Tally:
         missed = [(label, s) for label, s in self.per_label.items() if s.top1 < s.count]
         missed.sort(key=lambda item: (item[1].top1 / item[1].count, item[1].top5 / item[1].count, -item[1].count))
         return [
-            {"wnid": label, "name": self.names.get(label, "?"), "count": s.count,
-             "top1": s.top1 / s.count, "top5": s.top5 / s.count}
+            {
+                "wnid": label,
+                "name": self.names.get(label, "?"),
+                "count": s.count,
+                "top1": s.top1 / s.count,
+                "top5": s.top5 / s.count,
+            }
             for label, s in missed[:n]
         ]

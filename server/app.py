@@ -20,7 +20,6 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
-
 from mobiserve.server.config import ModelConfig, ServerConfig
 from mobiserve.server.metrics import Metrics
 from mobiserve.server.processing.labels import Labels
@@ -66,12 +65,22 @@ class App:
             model = await loop.run_in_executor(None, load_model, config)
             served.append(
                 ServedModel(
-                    config, model, self.preprocess_pool, limits, self.config.max_images_per_request,
+                    config,
+                    model,
+                    self.preprocess_pool,
+                    limits,
+                    self.config.max_images_per_request,
                     on_batch=lambda size, seconds, name=config.name: self.metrics.observe_batch(name, size, seconds),
                 )
             )
-            log.info("event=model_loaded model=%s path=%s instances=%d intra_op_threads=%d max_batch_size=%d",
-                     config.name, config.path, config.instances, config.intra_op_threads, config.max_batch_size)
+            log.info(
+                "event=model_loaded model=%s path=%s instances=%d intra_op_threads=%d max_batch_size=%d",
+                config.name,
+                config.path,
+                config.instances,
+                config.intra_op_threads,
+                config.max_batch_size,
+            )
         registry = ModelRegistry(served, self.config.default)
         for model in served:
             model.start()
@@ -101,8 +110,10 @@ class App:
         self.servicer.drain()
         try:
             await asyncio.wait_for(self.servicer.gate.wait_quiet(), grace)
-        except asyncio.TimeoutError:
-            log.warning("event=grace_expired message=%r", "requests still in flight after the grace period are cancelled")
+        except TimeoutError:
+            log.warning(
+                "event=grace_expired message=%r", "requests still in flight after the grace period are cancelled"
+            )
         await self.server.stop(max(0.0, end - loop.time()))
         for model in self.served:
             await model.close()
@@ -145,15 +156,21 @@ async def create_app(config: ServerConfig) -> App:
         try:
             metrics_port = metrics.serve_http(config.host, config.metrics_port)
         except OSError as exc:
-            raise OSError(f"cannot serve metrics on {config.host}:{config.metrics_port}: {exc.strerror or exc}") from None
+            raise OSError(
+                f"cannot serve metrics on {config.host}:{config.metrics_port}: {exc.strerror or exc}"
+            ) from None
     await server.start()
     pool = ThreadPoolExecutor(config.preprocess_threads, thread_name_prefix="preprocess")
     tls = "mutual" if config.tls_client_ca else "server" if credentials else "off"
     log.info("event=listening address=%s:%d tls=%s metrics_port=%d", config.host, port, tls, metrics_port)
     if not credentials and not _is_loopback(config.host):
-        log.warning("event=insecure_bind address=%s:%d message=%r", config.host, port,
-                    "plain-text gRPC on a non-loopback address: anyone who can reach it can use and read it; "
-                    "give --tls-cert/--tls-key")
+        log.warning(
+            "event=insecure_bind address=%s:%d message=%r",
+            config.host,
+            port,
+            "plain-text gRPC on a non-loopback address: anyone who can reach it can use and read it; "
+            "give --tls-cert/--tls-key",
+        )
     return App(config, server, port, health_servicer, servicer, metrics, pool)
 
 
@@ -167,7 +184,9 @@ def _credentials(config: ServerConfig) -> grpc.ServerCredentials:
     try:
         check.load_cert_chain(config.tls_cert, config.tls_key)
     except ssl.SSLError as exc:
-        raise OSError(f"{config.tls_cert} and {config.tls_key} are not a matching PEM certificate and key: {exc}") from None
+        raise OSError(
+            f"{config.tls_cert} and {config.tls_key} are not a matching PEM certificate and key: {exc}"
+        ) from None
     if config.tls_client_ca:
         try:
             check.load_verify_locations(config.tls_client_ca)

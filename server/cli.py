@@ -59,21 +59,34 @@ def fail(message: str, code: int = 1) -> int:
 
 # ---------------------------------------------------------------------------------------- serve
 
+
 def _add_serve(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p = sub.add_parser("serve", help="run the gRPC server", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--config", help="TOML file listing models and server settings (flags override it)")
-    p.add_argument("--model", action="append", metavar="[NAME=]PATH",
-                   help="ONNX model to serve; repeat for several (the first is the default); "
-                        "a bare PATH is named after its file. Default: the zoo's int8 model, pulled if missing")
+    p.add_argument(
+        "--model",
+        action="append",
+        metavar="[NAME=]PATH",
+        help="ONNX model to serve; repeat for several (the first is the default); "
+        "a bare PATH is named after its file. Default: the zoo's int8 model, pulled if missing",
+    )
     p.add_argument("--name", help="name of the model when a single --model is given")
     p.add_argument("--synsets", help="labels file, '<wnid> <name>' per line in output order (default: ImageNet-1k)")
     p.add_argument("--host", default=None, help="address to bind (default 127.0.0.1: local only)")
     p.add_argument("--port", type=int, default=None, help="port to bind (default 50051; 0 picks a free one)")
     p.add_argument("--max-batch-size", type=int, default=32, help="images per onnxruntime run at most")
-    p.add_argument("--max-queue-delay-ms", type=float, default=0.0,
-                   help="let a batch fill for up to this long after its first image (0: never wait)")
-    p.add_argument("--max-queue-size", type=int, default=1024,
-                   help="images waiting per model before new work is refused with RESOURCE_EXHAUSTED (0: no limit)")
+    p.add_argument(
+        "--max-queue-delay-ms",
+        type=float,
+        default=0.0,
+        help="let a batch fill for up to this long after its first image (0: never wait)",
+    )
+    p.add_argument(
+        "--max-queue-size",
+        type=int,
+        default=1024,
+        help="images waiting per model before new work is refused with RESOURCE_EXHAUSTED (0: no limit)",
+    )
     p.add_argument("--instances", type=int, default=0, help="onnxruntime sessions per model (0: one per 4 cores)")
     p.add_argument("--intra-op-threads", type=int, default=0, help="threads per session (0: cores / instances)")
     p.add_argument("--allow-spinning", action="store_true", help="let onnxruntime threads spin between batches")
@@ -81,7 +94,9 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     p.add_argument("--max-images-per-request", type=int, default=None, help="default 256")
     p.add_argument("--max-pixels", type=int, default=None, help="largest image accepted, in pixels (default 50 M)")
     p.add_argument("--max-message-mb", type=float, default=None, help="largest gRPC message (default 64 MiB)")
-    p.add_argument("--default-timeout", type=float, default=None, help="seconds, for calls without a deadline (default 30)")
+    p.add_argument(
+        "--default-timeout", type=float, default=None, help="seconds, for calls without a deadline (default 30)"
+    )
     p.add_argument("--grace-period", type=float, default=None, help="seconds to drain on SIGTERM (default 30)")
     p.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus metrics on this port")
     p.add_argument("--tls-cert", help="server certificate (PEM); enables TLS")
@@ -96,7 +111,8 @@ def _serve(args: argparse.Namespace) -> int:
     from mobiserve.server.errors import ModelLoadError
 
     logging.basicConfig(
-        level=args.log_level, stream=sys.stderr,
+        level=args.log_level,
+        stream=sys.stderr,
         format="%(asctime)s level=%(levelname)s logger=%(name)s %(message)s",
     )
     try:
@@ -117,11 +133,18 @@ def _server_config(args: argparse.Namespace) -> ServerConfig:
     from mobiserve.server.config import ModelConfig, ServerConfig, load_toml
 
     overrides = {
-        "host": args.host, "port": args.port, "preprocess_threads": args.preprocess_threads,
-        "max_images_per_request": args.max_images_per_request, "max_pixels": args.max_pixels,
+        "host": args.host,
+        "port": args.port,
+        "preprocess_threads": args.preprocess_threads,
+        "max_images_per_request": args.max_images_per_request,
+        "max_pixels": args.max_pixels,
         "max_message_bytes": None if args.max_message_mb is None else int(args.max_message_mb * (1 << 20)),
-        "default_timeout_s": args.default_timeout, "grace_s": args.grace_period, "metrics_port": args.metrics_port,
-        "tls_cert": args.tls_cert, "tls_key": args.tls_key, "tls_client_ca": args.tls_client_ca,
+        "default_timeout_s": args.default_timeout,
+        "grace_s": args.grace_period,
+        "metrics_port": args.metrics_port,
+        "tls_cert": args.tls_cert,
+        "tls_key": args.tls_key,
+        "tls_client_ca": args.tls_client_ca,
     }
     if bool(args.tls_cert) != bool(args.tls_key):
         raise ValueError("--tls-cert and --tls-key go together")
@@ -132,9 +155,12 @@ def _server_config(args: argparse.Namespace) -> ServerConfig:
             raise ValueError("give models either in --config or with --model, not both")
         return load_toml(args.config, **overrides)
     knobs = {
-        "max_batch_size": args.max_batch_size, "max_queue_delay_ms": args.max_queue_delay_ms,
-        "max_queue_size": args.max_queue_size, "instances": args.instances,
-        "intra_op_threads": args.intra_op_threads, "allow_spinning": args.allow_spinning,
+        "max_batch_size": args.max_batch_size,
+        "max_queue_delay_ms": args.max_queue_delay_ms,
+        "max_queue_size": args.max_queue_size,
+        "instances": args.instances,
+        "intra_op_threads": args.intra_op_threads,
+        "allow_spinning": args.allow_spinning,
     }
     if args.synsets:
         knobs["synsets"] = args.synsets
@@ -177,6 +203,7 @@ def _default_model() -> Path:
 
 # --------------------------------------------------------------------------------------- models
 
+
 def _add_models(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     from mobiserve.client.cli import add_list_models
     from mobiserve.server import zoo
@@ -185,8 +212,7 @@ def _add_models(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
     add_list_models(p)  # no ACTION: list what the server at --target serves
     msub = p.add_subparsers(metavar="ACTION")
     pull = msub.add_parser("pull", help="download the zoo's MobileNetV2 models, checked by sha256")
-    pull.add_argument("names", nargs="*", metavar="NAME",
-                      help=f"which models ({', '.join(zoo.ZOO)}; default all)")
+    pull.add_argument("names", nargs="*", metavar="NAME", help=f"which models ({', '.join(zoo.ZOO)}; default all)")
     pull.add_argument("--dir", type=Path, default=zoo.DEFAULT_MODELS_DIR, help="models folder (default: %(default)s)")
     pull.add_argument("--from", dest="source", help=f"a folder or base URL holding the files (or ${zoo.MIRROR_ENV})")
     pull.set_defaults(func=_pull)

@@ -46,7 +46,7 @@ class ModelConfig:
         _at_least(self, 1, "max_batch_size")
         _at_least(self, 0, "max_queue_delay_ms", "max_queue_size", "instances", "intra_op_threads")
 
-    def resolved(self) -> "ModelConfig":
+    def resolved(self) -> ModelConfig:
         """Fill the CPU-derived defaults for this machine."""
         instances = self.instances or default_instances()
         threads = self.intra_op_threads or default_intra_op_threads(instances)
@@ -111,7 +111,9 @@ def load_toml(path: str | Path, **overrides: Any) -> ServerConfig:
     for i, entry in enumerate(data.get("models", [])):
         unknown = set(entry) - _MODEL_KEYS
         if unknown:
-            raise ValueError(f"{path}: [[models]] #{i + 1}: unknown keys {sorted(unknown)}; known: {sorted(_MODEL_KEYS)}")
+            raise ValueError(
+                f"{path}: [[models]] #{i + 1}: unknown keys {sorted(unknown)}; known: {sorted(_MODEL_KEYS)}"
+            )
         entry = dict(entry)
         for key in ("path", "synsets"):
             if key in entry:

@@ -20,35 +20,58 @@ class Metrics:
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter(
-            "mobiserve_requests", "Requests answered (one per unary call or stream message), by gRPC status code.",
-            ["model", "method", "code"], registry=r,
+            "mobiserve_requests",
+            "Requests answered (one per unary call or stream message), by gRPC status code.",
+            ["model", "method", "code"],
+            registry=r,
         )
         self.images = Counter("mobiserve_images", "Images classified.", ["model"], registry=r)
         self.request_seconds = Histogram(
-            "mobiserve_request_duration_seconds", "Time from receiving a request to its answer, whatever the status.",
-            ["model", "method"], buckets=_LATENCY_BUCKETS, registry=r,
+            "mobiserve_request_duration_seconds",
+            "Time from receiving a request to its answer, whatever the status.",
+            ["model", "method"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
         )
         self.queue_seconds = Histogram(
-            "mobiserve_queue_duration_seconds", "Time a request's images waited for their batch (the longest wait).",
-            ["model"], buckets=_LATENCY_BUCKETS, registry=r,
+            "mobiserve_queue_duration_seconds",
+            "Time a request's images waited for their batch (the longest wait).",
+            ["model"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
         )
         self.preprocess_seconds = Histogram(
-            "mobiserve_preprocess_duration_seconds", "Decode + resize + crop time of a request's images.",
-            ["model"], buckets=_LATENCY_BUCKETS, registry=r,
+            "mobiserve_preprocess_duration_seconds",
+            "Decode + resize + crop time of a request's images.",
+            ["model"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
         )
         self.inference_seconds = Histogram(
-            "mobiserve_inference_duration_seconds", "onnxruntime time of one batch.",
-            ["model"], buckets=_LATENCY_BUCKETS, registry=r,
+            "mobiserve_inference_duration_seconds",
+            "onnxruntime time of one batch.",
+            ["model"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
         )
         self.batch_size = Histogram(
-            "mobiserve_batch_size_images", "Images per batch run.", ["model"], buckets=_BATCH_BUCKETS, registry=r,
+            "mobiserve_batch_size_images",
+            "Images per batch run.",
+            ["model"],
+            buckets=_BATCH_BUCKETS,
+            registry=r,
         )
         self.queue_depth = Gauge(
             "mobiserve_queue_depth_images",
-            "Images admitted and not yet in a batch (the figure --max-queue-size bounds).", ["model"], registry=r,
+            "Images admitted and not yet in a batch (the figure --max-queue-size bounds).",
+            ["model"],
+            registry=r,
         )
         self.model_ready = Gauge(
-            "mobiserve_model_ready", "1 while the model is loaded, warm and taking requests.", ["model"], registry=r,
+            "mobiserve_model_ready",
+            "1 while the model is loaded, warm and taking requests.",
+            ["model"],
+            registry=r,
         )
         self._http: tuple[WSGIServer, threading.Thread] | None = None
 

@@ -15,7 +15,6 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
-
 from mobiserve.server.batching import Batched, Batcher
 from mobiserve.server.config import ModelConfig
 from mobiserve.server.errors import DeadlineExceeded, InvalidInput, ModelNotFound
@@ -71,7 +70,9 @@ class Servable(Protocol):
     @property
     def name(self) -> str: ...
 
-    async def classify(self, images: Sequence[ImageInput], top_k: int = 0, deadline: float | None = None) -> Classified: ...
+    async def classify(
+        self, images: Sequence[ImageInput], top_k: int = 0, deadline: float | None = None
+    ) -> Classified: ...
 
 
 def checked_top_k(images: Sequence[ImageInput], top_k: int, model: Model, max_images: int) -> int:
@@ -174,11 +175,16 @@ class ServedModel:
         with self.batcher.admit(len(images)) as admission:
             started = time.perf_counter()
             items = await asyncio.gather(
-                *(loop.run_in_executor(self._preprocess_pool, prepare, i, image, self.limits, deadline) for i, image in enumerate(images))
+                *(
+                    loop.run_in_executor(self._preprocess_pool, prepare, i, image, self.limits, deadline)
+                    for i, image in enumerate(images)
+                )
             )
             preprocess_s = time.perf_counter() - started
             batched = await self.batcher.submit(admission, items, deadline)
-        return Classified(self.name, [top_classes(self.model.labels, b.value, top_k) for b in batched], _timing(preprocess_s, batched))
+        return Classified(
+            self.name, [top_classes(self.model.labels, b.value, top_k) for b in batched], _timing(preprocess_s, batched)
+        )
 
     def _run_alone(self, image: ImageInput, deadline: float | None) -> tuple[_Scores, Timing]:
         (scores,), timing = run_whole(self.model, [image], self.limits, deadline)

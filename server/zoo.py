@@ -36,7 +36,8 @@ ZOO = {
     m.name: m
     for m in (
         ZooModel(
-            "int8", "mobilenetv2-12-int8.onnx",
+            "int8",
+            "mobilenetv2-12-int8.onnx",
             "cc028fe6cae7bc11a4ff53cfc9b79c920e8be65ce33a904ec3e2a8f66d77f95f",
             "MobileNet v2-1.0 int8 (QOperator), top-1 68.30%",
         ),
@@ -81,7 +82,7 @@ def pull(model: ZooModel, dest_dir: Path = DEFAULT_MODELS_DIR, source: str | Non
     return dest
 
 
-def _fetch(model: ZooModel, source: str | None, out: "tempfile._TemporaryFileWrapper[bytes]", timeout: float) -> None:
+def _fetch(model: ZooModel, source: str | None, out: tempfile._TemporaryFileWrapper[bytes], timeout: float) -> None:
     if source and not source.startswith(("http://", "https://")):
         local = Path(source) / model.filename
         if not local.is_file():

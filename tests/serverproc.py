@@ -78,7 +78,11 @@ def start(*args: str, timeout: float = 120) -> ServerProcess:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen(
         [MOBISERVE, "serve", "--host", "127.0.0.1", "--port", "0", *args],
-        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
     )
     server = ServerProcess(proc)
     server._reader = threading.Thread(target=server._read, name="server-log", daemon=True)

@@ -10,19 +10,20 @@ from pathlib import Path
 
 import grpc
 import pytest
-from PIL import Image
-
 from conftest import encode, request_of
 from mobiserve.v1 import classifier_pb2 as pb
 from mobiserve.v1 import classifier_pb2_grpc as pb_grpc
+from PIL import Image
 
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
 
 
 def png_bomb(side: int = 30000) -> bytes:
     """A PNG whose header claims side x side pixels, with only a few rows of data behind it."""
+
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
     rows = zlib.compress(b"\0" * (side * 3 + 1) * 4)
     header = struct.pack(">IIBBBBB", side, side, 8, 2, 0, 0, 0)
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", rows) + chunk(b"IEND", b"")
@@ -40,7 +41,11 @@ def cases(jpeg: bytes) -> dict[str, tuple[pb.ClassifyRequest, grpc.StatusCode, s
         "image with no data": (pb.ClassifyRequest(images=[pb.Image()]), INVALID, "image 0"),
         "random bytes": (request_of(os.urandom(5000)), INVALID, "not a decodable image"),
         "truncated jpeg": (request_of(jpeg[: len(jpeg) // 3]), INVALID, "JPEG"),
-        "unsupported format": (request_of(encode(Image.new("RGB", (32, 32)), "PPM")), INVALID, "unsupported image format"),
+        "unsupported format": (
+            request_of(encode(Image.new("RGB", (32, 32)), "PPM")),
+            INVALID,
+            "unsupported image format",
+        ),
         "decompression bomb": (request_of(png_bomb()), INVALID, "megapixels"),
         "1x1 image": (request_of(encode(tiny, "PNG")), INVALID, "at least"),
         "tensor wrong shape": (tensor([3, 10, 10], "float32", 1200), INVALID, "shape"),

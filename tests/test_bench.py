@@ -17,7 +17,6 @@ from typing import Any
 
 import grpc
 import pytest
-
 from conftest import INT8, request_of
 from mobiserve.client.bench.servers import unbatched_server
 from mobiserve.server.app import App
@@ -41,7 +40,7 @@ async def bench(*args: str, timeout: float = 300) -> tuple[int, str, str]:
     )
     try:
         out, err = await asyncio.wait_for(proc.communicate(), timeout)
-    except asyncio.TimeoutError:
+    except TimeoutError:
         proc.kill()
         await proc.wait()
         raise
@@ -73,9 +72,23 @@ async def test_closed_loop_sweep_with_baseline_writes_consistent_reports(
     server: App, few_images: Path, tmp_path: Path
 ) -> None:
     code, out, err = await bench(
-        "--target", f"127.0.0.1:{server.port}", "--concurrency", "1,4", "--requests", "20", "--warmup", "0.2",
-        "--images", str(few_images), "--client-processes", "2", "--baseline", "--baseline-seconds", "0.3",
-        "--output", str(tmp_path),
+        "--target",
+        f"127.0.0.1:{server.port}",
+        "--concurrency",
+        "1,4",
+        "--requests",
+        "20",
+        "--warmup",
+        "0.2",
+        "--images",
+        str(few_images),
+        "--client-processes",
+        "2",
+        "--baseline",
+        "--baseline-seconds",
+        "0.3",
+        "--output",
+        str(tmp_path),
     )
     assert code == 0, err
     report, rows = outputs(tmp_path)
@@ -99,9 +112,26 @@ async def test_open_loop_stream_of_tensors_is_bounded_and_compares_with_unbatche
     server: App, few_images: Path, tmp_path: Path
 ) -> None:
     code, out, err = await bench(
-        "--target", f"127.0.0.1:{server.port}", "--rate", "15", "--duration", "1.5", "--warmup", "0.3",
-        "--mode", "stream", "--tensor", "--batch", "2", "--client-processes", "1", "--compare-unbatched",
-        "--images", str(few_images), "--output", str(tmp_path),
+        "--target",
+        f"127.0.0.1:{server.port}",
+        "--rate",
+        "15",
+        "--duration",
+        "1.5",
+        "--warmup",
+        "0.3",
+        "--mode",
+        "stream",
+        "--tensor",
+        "--batch",
+        "2",
+        "--client-processes",
+        "1",
+        "--compare-unbatched",
+        "--images",
+        str(few_images),
+        "--output",
+        str(tmp_path),
     )
     assert code == 0, err
     report, rows = outputs(tmp_path)
@@ -113,7 +143,9 @@ async def test_open_loop_stream_of_tensors_is_bounded_and_compares_with_unbatche
     assert [r["server"] for r in rows] == ["mobiserve", "unbatched"] and float(rows[0]["x_unbatched"]) > 0
 
 
-async def test_unbatched_server_answers_like_the_real_server(stub: pb_grpc.ClassifierStub, jpeg: bytes, tmp_path: Path) -> None:
+async def test_unbatched_server_answers_like_the_real_server(
+    stub: pb_grpc.ClassifierStub, jpeg: bytes, tmp_path: Path
+) -> None:
     stack = ExitStack()
     managed = await asyncio.to_thread(stack.enter_context, unbatched_server(str(INT8), tmp_path / "unbatched.log"))
     try:

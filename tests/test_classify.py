@@ -8,12 +8,11 @@ from pathlib import Path
 
 import grpc
 import numpy as np
-from PIL import Image
-
 from conftest import card_pipeline, request_of
 from mobiserve.server.app import App
 from mobiserve.v1 import classifier_pb2 as pb
 from mobiserve.v1 import classifier_pb2_grpc as pb_grpc
+from PIL import Image
 
 
 def top(response: pb.ClassifyResponse, i: int = 0) -> list[int]:
@@ -33,7 +32,9 @@ async def test_unary_single_image(stub: pb_grpc.ClassifierStub, jpeg: bytes, ser
     assert r.timing.batch_size >= 1 and r.timing.preprocess_us > 0 and r.timing.inference_us > 0
 
 
-async def test_multi_image_results_follow_request_order(stub: pb_grpc.ClassifierStub, sample_images: list[Path]) -> None:
+async def test_multi_image_results_follow_request_order(
+    stub: pb_grpc.ClassifierStub, sample_images: list[Path]
+) -> None:
     images = [p.read_bytes() for p in sample_images[:6]]
     together = await stub.Classify(request_of(*images, top_k=3), timeout=60)
     alone = [await stub.Classify(request_of(b, top_k=3), timeout=30) for b in images]
@@ -62,7 +63,9 @@ async def test_tensor_inputs_match_the_encoded_image(stub: pb_grpc.ClassifierStu
     assert top(r, 0) == top(r, 1) == top(r, 2)
 
 
-async def test_stream_answers_every_request_once_with_many_in_flight(stub: pb_grpc.ClassifierStub, sample_images: list[Path]) -> None:
+async def test_stream_answers_every_request_once_with_many_in_flight(
+    stub: pb_grpc.ClassifierStub, sample_images: list[Path]
+) -> None:
     n = 120
 
     async def requests():  # type: ignore[no-untyped-def]

@@ -12,9 +12,8 @@ from pathlib import Path
 
 import grpc
 import pytest
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-
 from conftest import SYNSETS, request_of
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from mobiserve.v1 import classifier_pb2 as pb
 from mobiserve.v1 import classifier_pb2_grpc as pb_grpc
 
@@ -81,7 +80,9 @@ def test_toml_config(tmp_path: Path, int8_model: Path, jpeg: bytes) -> None:
     try:
         with grpc.insecure_channel(target) as ch:
             models = pb_grpc.ClassifierStub(ch).ListModels(pb.ListModelsRequest(), timeout=10).models
-            assert [(m.name, m.version, m.max_batch_size, m.is_default) for m in models] == [("small", "2026.11", 4, True)]
+            assert [(m.name, m.version, m.max_batch_size, m.is_default) for m in models] == [
+                ("small", "2026.11", 4, True)
+            ]
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.communicate(timeout=60)
@@ -123,8 +124,10 @@ def test_models_pull_without_network_says_what_to_do(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     ("flag", "value", "message"),
-    [("--max-batch-size", "0", "max_batch_size must be at least 1, got 0"),
-     ("--max-queue-size", "-1", "max_queue_size must be at least 0, got -1")],
+    [
+        ("--max-batch-size", "0", "max_batch_size must be at least 1, got 0"),
+        ("--max-queue-size", "-1", "max_queue_size must be at least 0, got -1"),
+    ],
 )
 def test_out_of_range_knobs_are_refused_in_one_line(int8_model: Path, flag: str, value: str, message: str) -> None:
     r = run("serve", "--model", str(int8_model), "--port", str(free_port()), flag, value)

@@ -14,8 +14,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
-
 from conftest import card_pipeline, encode
 from mobiserve.client import (
     AsyncClient,
@@ -30,6 +28,7 @@ from mobiserve.client import (
     RetryPolicy,
 )
 from mobiserve.server.app import App
+from PIL import Image
 from test_bad_input import png_bomb
 
 
@@ -47,7 +46,10 @@ async def test_every_input_type_gets_the_same_answer_from_both_clients(server: A
     picture = Image.open(path)
     grey = picture.convert("L")
     same_pixels = {
-        "str path": str(path), "Path": path, "bytes": data, "PIL image": picture,
+        "str path": str(path),
+        "Path": path,
+        "bytes": data,
+        "PIL image": picture,
         "uint8 array": np.asarray(picture.convert("RGB")),
     }
     with Client(target_of(server)) as client:

@@ -11,7 +11,6 @@ import os
 from pathlib import Path
 
 import pytest
-
 from conftest import SYNSETS
 from mobiserve.client import AsyncClient
 from mobiserve.server.app import App
@@ -20,7 +19,10 @@ from serverproc import MOBISERVE, free_port
 
 async def run(*args: str, env: dict[str, str] | None = None) -> tuple[int, str, str]:
     proc = await asyncio.create_subprocess_exec(
-        MOBISERVE, *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        MOBISERVE,
+        *args,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
         env={**os.environ, **(env or {})},
     )
     out, err = await asyncio.wait_for(proc.communicate(), 240)
@@ -65,15 +67,19 @@ async def test_classify_json(server: App, sample_images: list[Path]) -> None:
 # name: (arguments, words in the one-line error); {tmp} holds notes.jpg (text) and empty/
 FAILURES: dict[str, tuple[list[str], str]] = {
     "missing image": (["classify", "{tmp}/missing.jpg", "--target", "{target}"], "no such file"),
-    "not an image": (["classify", "{tmp}/notes.jpg", "--target", "{target}"],
-                     "{tmp}/notes.jpg: image 0: not a decodable image"),
+    "not an image": (
+        ["classify", "{tmp}/notes.jpg", "--target", "{target}"],
+        "{tmp}/notes.jpg: image 0: not a decodable image",
+    ),
     "unknown model": (["classify", "{tmp}/notes.jpg", "--target", "{target}", "--model", "nope"], "NOT_FOUND"),
     "bad top-k": (["classify", "{tmp}/notes.jpg", "--target", "{target}", "--top-k", "0"], "top_k"),
     "unreachable server": (["classify", "{tmp}/notes.jpg", "--target", "{nobody}"], "server {nobody} is unavailable"),
     "validate a missing folder": (["validate", "{tmp}/nowhere", "--target", "{target}"], "not a folder"),
     "validate an empty folder": (["validate", "{tmp}/empty", "--target", "{target}"], "no labelled images"),
-    "validate, missing synsets": (["validate", "{tmp}", "--synsets", "{tmp}/none.txt", "--target", "{target}"],
-                                  "none.txt"),
+    "validate, missing synsets": (
+        ["validate", "{tmp}", "--synsets", "{tmp}/none.txt", "--target", "{target}"],
+        "none.txt",
+    ),
     "models, unreachable server": (["models", "--target", "{nobody}"], "server {nobody} is unavailable"),
 }
 

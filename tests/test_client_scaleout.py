@@ -11,11 +11,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
-
 import serverproc
 from conftest import SYNSETS
 from mobiserve.client import Client, RetryPolicy, Unavailable
+from prometheus_client.parser import text_string_to_metric_families
 
 # Reconnect quickly once a server appears; gRPC's default waits 1 s, then 1.6 s, 2.6 s, ...
 FAST_RECONNECT = [("grpc.initial_reconnect_backoff_ms", 100), ("grpc.max_reconnect_backoff_ms", 500)]
@@ -27,7 +26,8 @@ def classified(metrics_port: int) -> float:
         text = page.read().decode()
     return sum(
         sample.value
-        for family in text_string_to_metric_families(text) if family.name == "mobiserve_requests"
+        for family in text_string_to_metric_families(text)
+        if family.name == "mobiserve_requests"
         for sample in family.samples
         if sample.name == "mobiserve_requests_total"
         and (sample.labels["method"], sample.labels["code"]) == ("Classify", "OK")
@@ -57,8 +57,11 @@ def test_round_robin_spreads_calls_over_two_server_processes(int8_model: Path) -
     servers: list[serverproc.ServerProcess] = []
     try:
         for metrics_port in metrics_ports:
-            servers.append(serverproc.start("--model", str(int8_model), "--synsets", str(SYNSETS),
-                                            "--metrics-port", str(metrics_port)))
+            servers.append(
+                serverproc.start(
+                    "--model", str(int8_model), "--synsets", str(SYNSETS), "--metrics-port", str(metrics_port)
+                )
+            )
         target = "ipv4:" + ",".join(s.target for s in servers)
         calls = 40
         pixels = np.zeros((64, 64, 3), np.uint8)

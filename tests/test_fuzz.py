@@ -18,19 +18,21 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
+from conftest import encode, request_of
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from PIL import Image
-
-from conftest import encode, request_of
 from mobiserve.server.processing.preprocess import ImageLimits, InvalidImage, preprocess_encoded
 from mobiserve.v1 import classifier_pb2_grpc as pb_grpc
+from PIL import Image
 
 EXAMPLES = int(os.environ.get("MOBISERVE_FUZZ_EXAMPLES", "1000"))
 # a smaller pixel limit than the server's default keeps each example fast; the code path is the same
 LIMITS = ImageLimits(max_pixels=4_000_000)
 FUZZ = settings(
-    max_examples=EXAMPLES, deadline=None, derandomize=True, database=None,
+    max_examples=EXAMPLES,
+    deadline=None,
+    derandomize=True,
+    database=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
 
@@ -40,11 +42,21 @@ def seeds() -> list[bytes]:
     rng = np.random.default_rng(0)
     rgb = Image.fromarray(rng.integers(0, 256, (40, 56, 3), dtype=np.uint8))
     out = [
-        encode(rgb, "JPEG", quality=80), encode(rgb.convert("L"), "JPEG"), encode(rgb.convert("CMYK"), "JPEG"),
-        encode(rgb, "JPEG", progressive=True), encode(rgb, "PNG"), encode(rgb.convert("RGBA"), "PNG"),
-        encode(rgb.convert("P"), "PNG"), encode(rgb.convert("I;16"), "PNG"), encode(rgb.convert("1"), "PNG"),
-        encode(rgb, "GIF"), encode(rgb, "BMP"), encode(rgb, "WEBP"), encode(rgb, "TIFF"),
-        encode(rgb, "TIFF", compression="tiff_deflate"), encode(rgb.convert("F"), "TIFF"),
+        encode(rgb, "JPEG", quality=80),
+        encode(rgb.convert("L"), "JPEG"),
+        encode(rgb.convert("CMYK"), "JPEG"),
+        encode(rgb, "JPEG", progressive=True),
+        encode(rgb, "PNG"),
+        encode(rgb.convert("RGBA"), "PNG"),
+        encode(rgb.convert("P"), "PNG"),
+        encode(rgb.convert("I;16"), "PNG"),
+        encode(rgb.convert("1"), "PNG"),
+        encode(rgb, "GIF"),
+        encode(rgb, "BMP"),
+        encode(rgb, "WEBP"),
+        encode(rgb, "TIFF"),
+        encode(rgb, "TIFF", compression="tiff_deflate"),
+        encode(rgb.convert("F"), "TIFF"),
     ]
     return out
 
@@ -72,15 +84,15 @@ def mutated(draw: st.DrawFn) -> bytes:
             data[at] ^= 1 << draw(st.integers(0, 7))
         elif kind == "overwrite_int":  # header fields: sizes, counts, offsets
             value = draw(st.sampled_from((0, 1, 0x7FFF, 0xFFFF, 0x7FFFFFFF, 0xFFFFFFFF)))
-            data[at:at + 4] = struct.pack(draw(st.sampled_from((">I", "<I"))), value)
+            data[at : at + 4] = struct.pack(draw(st.sampled_from((">I", "<I"))), value)
         elif kind == "truncate":
             del data[at:]
         elif kind == "insert":
             data[at:at] = draw(st.binary(min_size=1, max_size=64))
         elif kind == "delete":
-            del data[at:at + draw(st.integers(1, 64))]
+            del data[at : at + draw(st.integers(1, 64))]
         elif kind == "duplicate":
-            data[at:at] = data[at:at + draw(st.integers(1, 256))]
+            data[at:at] = data[at : at + draw(st.integers(1, 256))]
     return bytes(data)
 
 
@@ -144,7 +156,7 @@ async def test_mutated_images_over_grpc_get_ok_or_invalid_argument(
 
     codes = []
     for start in range(0, len(inputs), 25):  # bounded concurrency
-        codes += await asyncio.gather(*(one(d) for d in inputs[start:start + 25]))
+        codes += await asyncio.gather(*(one(d) for d in inputs[start : start + 25]))
     assert set(codes) <= {grpc.StatusCode.OK, grpc.StatusCode.INVALID_ARGUMENT}, set(codes)
     assert grpc.StatusCode.INVALID_ARGUMENT in codes
     assert len((await stub.Classify(request_of(originals[-1]), timeout=60)).results) == 1

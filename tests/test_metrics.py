@@ -12,12 +12,11 @@ from pathlib import Path
 
 import grpc
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
-
 from conftest import model_config, request_of, start_server
 from mobiserve.server.transport.errorlog import ErrorLog
 from mobiserve.v1 import classifier_pb2 as pb
 from mobiserve.v1 import classifier_pb2_grpc as pb_grpc
+from prometheus_client.parser import text_string_to_metric_families
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
@@ -26,7 +25,8 @@ def scrape(port: int) -> Samples:
     text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
     return {
         (s.name, tuple(sorted(s.labels.items()))): s.value
-        for family in text_string_to_metric_families(text) for s in family.samples
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
     }
 
 
@@ -75,8 +75,10 @@ async def test_metrics_add_up_to_a_known_load(
                     code = grpc.StatusCode.INVALID_ARGUMENT.name if response.HasField("error") else "OK"
                     sent[("int8", "ClassifyStream", code)] += 1
         assert sent == {
-            ("int8", "Classify", "OK"): 16, ("int8", "Classify", "INVALID_ARGUMENT"): 5,
-            ("(unknown)", "Classify", "NOT_FOUND"): 3, ("int8", "ClassifyStream", "OK"): 6,
+            ("int8", "Classify", "OK"): 16,
+            ("int8", "Classify", "INVALID_ARGUMENT"): 5,
+            ("(unknown)", "Classify", "NOT_FOUND"): 3,
+            ("int8", "ClassifyStream", "OK"): 6,
             ("int8", "ClassifyStream", "INVALID_ARGUMENT"): 2,
         }
         samples = await asyncio.to_thread(scrape, port)
@@ -85,7 +87,8 @@ async def test_metrics_add_up_to_a_known_load(
 
     counted = {
         (dict(ls)["model"], dict(ls)["method"], dict(ls)["code"]): v
-        for (n, ls), v in samples.items() if n == "mobiserve_requests_total"
+        for (n, ls), v in samples.items()
+        if n == "mobiserve_requests_total"
     }
     assert counted == sent  # one count per request or stream message, refusals included
     ok = 16 + 6
@@ -111,7 +114,9 @@ def test_failure_lines_are_throttled_and_say_how_many_were_left_out(caplog: pyte
     errors = ErrorLog(logging.getLogger("mobiserve.test.errorlog"), interval_s=1.0, clock=lambda: now[0])
     with caplog.at_level(logging.DEBUG, logger="mobiserve.test.errorlog"):
         for i in range(100):
-            errors.failed(grpc.StatusCode.RESOURCE_EXHAUSTED, "overloaded", model="m", method="Classify", request_id=str(i))
+            errors.failed(
+                grpc.StatusCode.RESOURCE_EXHAUSTED, "overloaded", model="m", method="Classify", request_id=str(i)
+            )
         errors.failed(grpc.StatusCode.INTERNAL, "boom", model="m", method="Classify", request_id="x")
         errors.failed(grpc.StatusCode.INVALID_ARGUMENT, "bad image", model="m", method="Classify", request_id="y")
         now[0] = 1.5

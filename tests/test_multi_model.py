@@ -15,7 +15,6 @@ from pathlib import Path
 import grpc
 import pytest
 import pytest_asyncio
-
 from conftest import model_config, request_of, start_server
 from mobiserve.server.app import App
 from mobiserve.v1 import classifier_pb2 as pb
@@ -75,7 +74,9 @@ async def _probe(client: pb_grpc.ClassifierStub, image: bytes) -> list[float]:
     return seconds
 
 
-async def test_a_flooded_model_does_not_starve_the_other(client: pb_grpc.ClassifierStub, sample_images: list[Path]) -> None:
+async def test_a_flooded_model_does_not_starve_the_other(
+    client: pb_grpc.ClassifierStub, sample_images: list[Path]
+) -> None:
     """Flood fp32 with 384 images; int8's 10 single-image requests all finish while the flood is
     still being served (their own batcher, queue and session), and the latencies are printed."""
     probe_image = sample_images[0].read_bytes()

@@ -6,11 +6,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
-
 from conftest import card_pipeline, encode
 from mobiserve.server.processing.normalize import assemble
 from mobiserve.server.processing.preprocess import ImageLimits, InvalidImage, decode, preprocess_encoded
+from PIL import Image
 
 LIMITS = ImageLimits()
 
@@ -26,7 +25,14 @@ def test_bit_exact_with_the_card_pipeline_on_every_sample_image(sample_images: l
 def test_every_format_and_mode_decodes_like_pillow(fmt: str, mode: str) -> None:
     rng = np.random.default_rng(0)
     image = Image.fromarray(rng.integers(0, 256, (61, 83, 3), dtype=np.uint8)).convert(mode)
-    if (fmt, mode) in {("BMP", "CMYK"), ("GIF", "CMYK"), ("WEBP", "CMYK"), ("PNG", "CMYK"), ("JPEG", "RGBA"), ("JPEG", "P")}:
+    if (fmt, mode) in {
+        ("BMP", "CMYK"),
+        ("GIF", "CMYK"),
+        ("WEBP", "CMYK"),
+        ("PNG", "CMYK"),
+        ("JPEG", "RGBA"),
+        ("JPEG", "P"),
+    }:
         pytest.skip(f"Pillow cannot write {mode} as {fmt}")
     data = encode(image, fmt, **({"lossless": True} if fmt == "WEBP" else {}))
     pixels = decode(data, LIMITS)

@@ -20,14 +20,13 @@ import grpc
 import numpy as np
 import pytest
 import pytest_asyncio
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-from PIL import Image
-
 from conftest import encode, model_config, request_of, start_server
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from mobiserve.server.app import App
 from mobiserve.server.transport.servicer import SHUTTING_DOWN
 from mobiserve.v1 import classifier_pb2 as pb
 from mobiserve.v1 import classifier_pb2_grpc as pb_grpc
+from PIL import Image
 from test_bad_input import png_bomb
 
 QUEUE_LIMIT = 8  # images
@@ -84,7 +83,10 @@ async def start_gated(int8_model: Path, **settings: object) -> tuple[App, GatedS
     app = await start_server(
         # spinning on: no separate small-batch session, so the gated session sees every batch
         model_config(int8_model, instances=1, max_batch_size=8, max_queue_size=QUEUE_LIMIT, allow_spinning=True),
-        max_images_per_request=MAX_IMAGES, max_pixels=MAX_PIXELS, max_message_bytes=MAX_MESSAGE, **settings,
+        max_images_per_request=MAX_IMAGES,
+        max_pixels=MAX_PIXELS,
+        max_message_bytes=MAX_MESSAGE,
+        **settings,
     )
     return app, gate_session(app)
 
@@ -109,9 +111,12 @@ def images(sample_images: list[Path]) -> list[bytes]:
 
 
 def requests_counted(app: App, code: str, method: str = "Classify", model: str = "int8") -> float:
-    return app.metrics.registry.get_sample_value(
-        "mobiserve_requests_total", {"model": model, "method": method, "code": code}
-    ) or 0.0
+    return (
+        app.metrics.registry.get_sample_value(
+            "mobiserve_requests_total", {"model": model, "method": method, "code": code}
+        )
+        or 0.0
+    )
 
 
 async def status_of_call(call: Any) -> grpc.StatusCode:
@@ -128,8 +133,11 @@ async def top1(stub: pb_grpc.ClassifierStub, image: bytes) -> int:
 
 # ------------------------------------------------------------------------------------ faults
 
+
 async def test_an_onnxruntime_failure_fails_only_its_batch(
-    gated: tuple[App, GatedSession], gated_stub: pb_grpc.ClassifierStub, images: list[bytes],
+    gated: tuple[App, GatedSession],
+    gated_stub: pb_grpc.ClassifierStub,
+    images: list[bytes],
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     app, session = gated
@@ -157,6 +165,7 @@ async def test_an_onnxruntime_failure_fails_only_its_batch(
 
 # ------------------------------------------------------------------------------- backpressure
 
+
 async def test_a_full_queue_refuses_at_once_then_recovers(
     gated: tuple[App, GatedSession], gated_stub: pb_grpc.ClassifierStub, images: list[bytes]
 ) -> None:
@@ -182,7 +191,9 @@ async def test_a_full_queue_refuses_at_once_then_recovers(
     assert (await running).request_id == "running"
     assert await stream.code() == grpc.StatusCode.OK
     # recovered: as much as the queue holds, at once, is all served
-    again = await asyncio.gather(*(status_of_call(gated_stub.Classify(request_of(b), timeout=60)) for b in images[:QUEUE_LIMIT]))
+    again = await asyncio.gather(
+        *(status_of_call(gated_stub.Classify(request_of(b), timeout=60)) for b in images[:QUEUE_LIMIT])
+    )
     assert set(again) == {grpc.StatusCode.OK}
     assert batcher.admitted == 0
     assert requests_counted(app, "RESOURCE_EXHAUSTED") - refused_before == len(images)  # the unary refusals
@@ -190,6 +201,7 @@ async def test_a_full_queue_refuses_at_once_then_recovers(
 
 
 # ------------------------------------------------------------------- deadlines, cancellation
+
 
 async def test_cancelled_and_expired_requests_never_reach_the_model(
     gated: tuple[App, GatedSession], gated_stub: pb_grpc.ClassifierStub, images: list[bytes]
@@ -239,6 +251,7 @@ async def test_the_default_timeout_applies_when_the_client_sets_none(int8_model:
 
 # ------------------------------------------------------------------------------------ limits
 
+
 def too_many_pixels_png() -> bytes:
     """Header says 1100x1000 (over MAX_PIXELS); the data is truncated, so only a refusal made
     from the header can produce the 'megapixels' message."""
@@ -282,19 +295,40 @@ async def test_each_limit_is_a_clear_refusal(
 def test_limits_and_knobs_come_from_the_serve_flags(int8_model: Path) -> None:
     from mobiserve.server.cli import _server_config, build_parser
 
-    args = build_parser().parse_args([
-        "serve", "--model", str(int8_model), "--max-queue-size", "7", "--max-message-mb", "2.5",
-        "--max-images-per-request", "3", "--max-pixels", "1234567", "--default-timeout", "4",
-        "--grace-period", "9", "--metrics-port", "9100",
-    ])
+    args = build_parser().parse_args(
+        [
+            "serve",
+            "--model",
+            str(int8_model),
+            "--max-queue-size",
+            "7",
+            "--max-message-mb",
+            "2.5",
+            "--max-images-per-request",
+            "3",
+            "--max-pixels",
+            "1234567",
+            "--default-timeout",
+            "4",
+            "--grace-period",
+            "9",
+            "--metrics-port",
+            "9100",
+        ]
+    )
     config = _server_config(args)
-    assert (config.max_message_bytes, config.max_images_per_request, config.max_pixels) == (int(2.5 * 2**20), 3, 1234567)
+    assert (config.max_message_bytes, config.max_images_per_request, config.max_pixels) == (
+        int(2.5 * 2**20),
+        3,
+        1234567,
+    )
     assert (config.default_timeout_s, config.grace_s, config.metrics_port) == (4, 9, 9100)
     assert config.models[0].max_queue_size == 7
     assert config.host == "127.0.0.1"  # local only unless told
 
 
 # ------------------------------------------------------------------------------------- drain
+
 
 async def test_drain_answers_what_is_in_flight_and_refuses_the_rest(int8_model: Path, images: list[bytes]) -> None:
     app, session = await start_gated(int8_model)
@@ -315,7 +349,9 @@ async def test_drain_answers_what_is_in_flight_and_refuses_the_rest(int8_model: 
                 late_stream = stub.ClassifyStream(timeout=60)
                 with pytest.raises(grpc.aio.AioRpcError) as late:
                     await late_stream.read()
-                assert late.value.code() == grpc.StatusCode.UNAVAILABLE and SHUTTING_DOWN in (late.value.details() or "")
+                assert late.value.code() == grpc.StatusCode.UNAVAILABLE and SHUTTING_DOWN in (
+                    late.value.details() or ""
+                )
             answers = []
             with pytest.raises(grpc.aio.AioRpcError) as ended:
                 while (response := await stream.read()) != grpc.aio.EOF:

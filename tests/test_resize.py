@@ -15,10 +15,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
-
 from mobiserve.server.processing import resize
 from mobiserve.server.processing.resize import center_crop_resize, resize_crop
+from PIL import Image
 
 SHARED = Path(os.environ.get("MOBISERVE_SHARED", Path(__file__).resolve().parents[1].parent / "shared"))
 SAMPLE = SHARED / "data" / "imagenet-sample"
@@ -60,7 +59,11 @@ def check_sample(path: Path) -> tuple[str | None, bool]:
     pixels = np.asarray(Image.open(path).convert("RGB"))
     resized, crop = card(pixels)
     got, want = center_crop_resize(pixels), pillow(pixels, resized, crop)
-    failure = None if np.array_equal(got, want) else f"{path.name} {pixels.shape[1]}x{pixels.shape[0]}: {differences(got, want)}"
+    failure = (
+        None
+        if np.array_equal(got, want)
+        else f"{path.name} {pixels.shape[1]}x{pixels.shape[0]}: {differences(got, want)}"
+    )
     return failure, vertical_first(pixels, resized)
 
 
@@ -81,10 +84,32 @@ def test_every_sample_image_is_bit_exact() -> None:
 # (width, height): tiny, extreme aspect ratios, around the crop and resize sizes, exact
 # multiples (scale 0.5, 0.25, 0.125), upscales, and large downscales with many taps
 SIZES = [
-    (8, 8), (8, 3000), (3000, 8), (3000, 9), (9, 3000), (223, 224), (224, 223), (224, 224),
-    (255, 257), (257, 255), (256, 256), (257, 1000), (1000, 257), (512, 512), (1024, 512),
-    (512, 2048), (2048, 2048), (100, 75), (75, 100), (31, 200), (500, 375), (375, 500),
-    (2400, 1600), (1600, 2400), (4000, 3000), (801, 6001),
+    (8, 8),
+    (8, 3000),
+    (3000, 8),
+    (3000, 9),
+    (9, 3000),
+    (223, 224),
+    (224, 223),
+    (224, 224),
+    (255, 257),
+    (257, 255),
+    (256, 256),
+    (257, 1000),
+    (1000, 257),
+    (512, 512),
+    (1024, 512),
+    (512, 2048),
+    (2048, 2048),
+    (100, 75),
+    (75, 100),
+    (31, 200),
+    (500, 375),
+    (375, 500),
+    (2400, 1600),
+    (1600, 2400),
+    (4000, 3000),
+    (801, 6001),
 ]
 
 
@@ -121,8 +146,13 @@ def test_any_size_and_crop_is_bit_exact() -> None:
         assert np.array_equal(got, want), (
             f"{w}x{h} -> {ow}x{oh} crop {(left, top, right, bottom)}: {differences(got, want)}"
         )
-    assert seen >= {(True, True, True), (True, True, False), (True, False, False),
-                    (False, True, False), (False, False, False)}
+    assert seen >= {
+        (True, True, True),
+        (True, True, False),
+        (True, False, False),
+        (False, True, False),
+        (False, False, False),
+    }
 
 
 def test_crop_outside_the_image_is_black_like_pillow() -> None:
@@ -187,6 +217,8 @@ def test_weights_that_could_clip_fall_back_to_pillow(monkeypatch: pytest.MonkeyP
     ],
     ids=["grey", "rgba", "float", "zero-size", "right<left"],
 )
-def test_bad_arguments_are_refused(pixels: np.ndarray, resized: tuple[int, int], crop: tuple[int, int, int, int]) -> None:
+def test_bad_arguments_are_refused(
+    pixels: np.ndarray, resized: tuple[int, int], crop: tuple[int, int, int, int]
+) -> None:
     with pytest.raises(ValueError):
         resize_crop(pixels, resized, crop)

@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-
 from conftest import SYNSETS
 from mobiserve.server.processing.labels import Labels
 from mobiserve.server.processing.preprocess import ImageLimits, preprocess_encoded

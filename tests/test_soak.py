@@ -24,7 +24,6 @@ from pathlib import Path
 import grpc
 import pytest
 import pytest_asyncio
-
 import serverproc
 from conftest import SYNSETS, request_of
 from mobiserve.server.transport.servicer import SHUTTING_DOWN
@@ -59,7 +58,9 @@ class Inputs:
             return request_of(self.good[i], request_id=request_id), self.expected[i]
         if kind == "unknown_model":
             return request_of(self.good[i], request_id=request_id, model="no-such-model"), None
-        data = {"corrupt": rng.randbytes(2000), "truncated": self.good[i][: len(self.good[i]) // 3], "bomb": self.bomb}[kind]
+        data = {"corrupt": rng.randbytes(2000), "truncated": self.good[i][: len(self.good[i]) // 3], "bomb": self.bomb}[
+            kind
+        ]
         return request_of(data, request_id=request_id), None
 
 
@@ -84,7 +85,9 @@ class Tally:
             if response.HasField("error"):
                 self.problems.append(f"{kind} {response.request_id}: error {response.error}")
             elif response.results[0].classes[0].index != expected:
-                self.problems.append(f"{kind} {response.request_id}: top-1 {response.results[0].classes[0].index} != {expected}")
+                self.problems.append(
+                    f"{kind} {response.request_id}: top-1 {response.results[0].classes[0].index} != {expected}"
+                )
         elif response.error.code != INVALID.value[0]:
             self.problems.append(f"{kind} {response.request_id}: expected INVALID_ARGUMENT, got {response}")
         self.answered(f"stream:{kind}")
@@ -120,7 +123,8 @@ async def unary_caller(stub: pb_grpc.ClassifierStub, inputs: Inputs, tally: Tall
         except grpc.aio.AioRpcError as e:
             code = e.code()
         allowed = {
-            "tiny_deadline": {OK, grpc.StatusCode.DEADLINE_EXCEEDED}, "unknown_model": {grpc.StatusCode.NOT_FOUND},
+            "tiny_deadline": {OK, grpc.StatusCode.DEADLINE_EXCEEDED},
+            "unknown_model": {grpc.StatusCode.NOT_FOUND},
         }.get(kind, {OK} if expected is not None else {INVALID})
         if code not in allowed:
             tally.problems.append(f"unary {kind} {request.request_id}: {code}")
@@ -129,7 +133,9 @@ async def unary_caller(stub: pb_grpc.ClassifierStub, inputs: Inputs, tally: Tall
         tally.answered(f"unary:{kind}:{code.name}")
 
 
-async def stream_session(stub: pb_grpc.ClassifierStub, inputs: Inputs, tally: Tally, rng: random.Random, sid: str) -> None:
+async def stream_session(
+    stub: pb_grpc.ClassifierStub, inputs: Inputs, tally: Tally, rng: random.Random, sid: str
+) -> None:
     """One stream: complete it, cancel it midway, or give it a deadline too short to finish."""
     style = rng.choice(("complete", "complete", "cancel", "deadline"))
     call = stub.ClassifyStream(timeout=rng.uniform(0.05, 0.5) if style == "deadline" else 120)
@@ -171,7 +177,11 @@ async def stream_session(stub: pb_grpc.ClassifierStub, inputs: Inputs, tally: Ta
         await asyncio.gather(writer, return_exceptions=True)
     if [rid for rid, n in answered.items() if n > 1]:
         tally.problems.append(f"stream {sid}: answered more than once: {answered}")
-    expected_end = {"complete": {OK}, "cancel": {grpc.StatusCode.CANCELLED}, "deadline": {OK, grpc.StatusCode.DEADLINE_EXCEEDED}}
+    expected_end = {
+        "complete": {OK},
+        "cancel": {grpc.StatusCode.CANCELLED},
+        "deadline": {OK, grpc.StatusCode.DEADLINE_EXCEEDED},
+    }
     if code not in expected_end[style]:
         tally.problems.append(f"stream {sid} ({style}) ended {code}")
     if style == "complete" and set(answered) != set(sent):
@@ -210,24 +220,37 @@ async def test_soak_chaos_every_request_answered_right_and_memory_flat(
             sample_rss(process, tally, rss, until),
         )
         # still healthy afterwards
-        assert (await stub.Classify(request_of(inputs.good[0]), timeout=60)).results[0].classes[0].index == inputs.expected[0]
+        assert (await stub.Classify(request_of(inputs.good[0]), timeout=60)).results[0].classes[
+            0
+        ].index == inputs.expected[0]
     assert not tally.problems, f"{len(tally.problems)} problems, first: {tally.problems[:10]}"
     # the chaos really happened: every kind of trouble was exercised
     seen = " ".join(tally.outcomes)
-    for needle in ("stream:good", "stream:bomb", "stream:corrupt", "unary:tiny_deadline:DEADLINE_EXCEEDED",
-                   "stream-end:cancel:CANCELLED", "stream-end:deadline:DEADLINE_EXCEEDED", "unary:unknown_model:NOT_FOUND"):
+    for needle in (
+        "stream:good",
+        "stream:bomb",
+        "stream:corrupt",
+        "unary:tiny_deadline:DEADLINE_EXCEEDED",
+        "stream-end:cancel:CANCELLED",
+        "stream-end:deadline:DEADLINE_EXCEEDED",
+        "unary:unknown_model:NOT_FOUND",
+    ):
         assert needle in seen, (needle, tally.outcomes)
     third = len(rss) // 3
     assert third >= 5, f"too few memory samples: {len(rss)}"
     first, last = statistics.mean(rss[:third]), statistics.mean(rss[-third:])
     growth = (last - first) / first
-    print(f"\nsoak {SOAK_SECONDS:.0f}s: {tally.answers} answers, RSS {first / 2**20:.0f} -> {last / 2**20:.0f} MiB "
-          f"({growth:+.1%}); {dict(tally.outcomes.most_common(8))}")
+    print(
+        f"\nsoak {SOAK_SECONDS:.0f}s: {tally.answers} answers, RSS {first / 2**20:.0f} -> {last / 2**20:.0f} MiB "
+        f"({growth:+.1%}); {dict(tally.outcomes.most_common(8))}"
+    )
     assert growth < 0.10, f"server RSS grew {growth:.1%}: {first / 2**20:.0f} -> {last / 2**20:.0f} MiB"
     process.signal(signal.SIGTERM)
     assert await asyncio.to_thread(process.wait) == 0
     # gRPC logs a write that lost the race with a call's deadline (the client has its status): benign
-    errors = [line for line in process.lines if "level=ERROR" in line and "ExecuteBatchError raised in core" not in line]
+    errors = [
+        line for line in process.lines if "level=ERROR" in line and "ExecuteBatchError raised in core" not in line
+    ]
     assert not errors, errors[:5]
 
 
@@ -309,7 +332,8 @@ async def test_sigterm_under_load_answers_everything_accepted_then_exits_0(
         await asyncio.wait_for(asyncio.gather(*callers), 180)
     assert not problems, problems[:10]
     assert answered_after_signal["unary"] > 0 and answered_after_signal["stream"] > 0, (
-        f"nothing in flight was answered after the signal: {answered_after_signal}")
+        f"nothing in flight was answered after the signal: {answered_after_signal}"
+    )
     assert await asyncio.to_thread(process.wait) == 0
     log = process.log
     for event in ("event=signal signal=SIGTERM", "event=draining", "event=model_unloaded", "event=stopped"):

@@ -17,12 +17,11 @@ from pathlib import Path
 import grpc
 import pytest
 import pytest_asyncio
+from conftest import SYNSETS, model_config, request_of, start_server
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-
-from conftest import SYNSETS, model_config, request_of, start_server
 from mobiserve.server.app import App
 from mobiserve.v1 import classifier_pb2_grpc as pb_grpc
 
@@ -43,11 +42,15 @@ def _name(cn: str) -> x509.Name:
     return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
 
 
-def issue(folder: Path, cn: str, issuer: tuple[x509.Certificate, ec.EllipticCurvePrivateKey] | None = None,
-          usage: x509.ObjectIdentifier | None = None) -> tuple[Issued, x509.Certificate, ec.EllipticCurvePrivateKey]:
+def issue(
+    folder: Path,
+    cn: str,
+    issuer: tuple[x509.Certificate, ec.EllipticCurvePrivateKey] | None = None,
+    usage: x509.ObjectIdentifier | None = None,
+) -> tuple[Issued, x509.Certificate, ec.EllipticCurvePrivateKey]:
     """A CA (no issuer) or a leaf certificate for 127.0.0.1/localhost signed by `issuer`."""
     key = ec.generate_private_key(ec.SECP256R1())
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     builder = (
         x509.CertificateBuilder()
         .subject_name(_name(cn))
@@ -69,7 +72,9 @@ def issue(folder: Path, cn: str, issuer: tuple[x509.Certificate, ec.EllipticCurv
             builder = builder.add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
     cert = builder.sign(issuer[1] if issuer else key, hashes.SHA256())
     cert_pem = cert.public_bytes(serialization.Encoding.PEM)
-    key_pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    key_pem = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
     cert_path, key_path = folder / f"{cn}.crt", folder / f"{cn}.key"
     cert_path.write_bytes(cert_pem)
     key_path.write_bytes(key_pem)
@@ -98,7 +103,9 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
 
 @pytest_asyncio.fixture(scope="module")
 async def tls_server(int8_model: Path, pki: Pki) -> AsyncIterator[App]:
-    app = await start_server(model_config(int8_model), tls_cert=str(pki.server.cert_path), tls_key=str(pki.server.key_path))
+    app = await start_server(
+        model_config(int8_model), tls_cert=str(pki.server.cert_path), tls_key=str(pki.server.key_path)
+    )
     yield app
     await app.stop(grace_s=5)
 
@@ -106,7 +113,9 @@ async def tls_server(int8_model: Path, pki: Pki) -> AsyncIterator[App]:
 @pytest_asyncio.fixture(scope="module")
 async def mtls_server(int8_model: Path, pki: Pki) -> AsyncIterator[App]:
     app = await start_server(
-        model_config(int8_model), tls_cert=str(pki.server.cert_path), tls_key=str(pki.server.key_path),
+        model_config(int8_model),
+        tls_cert=str(pki.server.cert_path),
+        tls_key=str(pki.server.key_path),
         tls_client_ca=str(pki.ca.cert_path),
     )
     yield app
@@ -129,7 +138,9 @@ async def classify(app: App, credentials: grpc.ChannelCredentials | None, jpeg: 
 def creds(ca: Issued, client: Issued | None = None) -> grpc.ChannelCredentials:
     if client is None:
         return grpc.ssl_channel_credentials(root_certificates=ca.cert)
-    return grpc.ssl_channel_credentials(root_certificates=ca.cert, private_key=client.key, certificate_chain=client.cert)
+    return grpc.ssl_channel_credentials(
+        root_certificates=ca.cert, private_key=client.key, certificate_chain=client.cert
+    )
 
 
 async def test_tls_serves_a_client_that_trusts_the_ca(tls_server: App, pki: Pki, jpeg: bytes) -> None:
@@ -154,9 +165,21 @@ async def test_mtls_refuses_clients_without_the_right_certificate(mtls_server: A
 @pytest.mark.parametrize(
     ("flags", "words"),
     [
-        (["--tls-cert", "{server.cert_path}", "--tls-key", "{rogue_client.key_path}"], "not a matching PEM certificate and key"),
-        (["--tls-cert", "{server.cert_path}", "--tls-key", "{server.key_path}", "--tls-client-ca", "{server.key_path}"],
-         "not a PEM CA certificate"),
+        (
+            ["--tls-cert", "{server.cert_path}", "--tls-key", "{rogue_client.key_path}"],
+            "not a matching PEM certificate and key",
+        ),
+        (
+            [
+                "--tls-cert",
+                "{server.cert_path}",
+                "--tls-key",
+                "{server.key_path}",
+                "--tls-client-ca",
+                "{server.key_path}",
+            ],
+            "not a PEM CA certificate",
+        ),
         (["--tls-client-ca", "{ca.cert_path}"], "needs --tls-cert and --tls-key"),
         (["--tls-cert", "{server.cert_path}"], "go together"),
     ],
@@ -165,7 +188,9 @@ def test_bad_tls_files_are_a_one_line_startup_error(int8_model: Path, pki: Pki, 
     args = [f.format(**vars(pki)) for f in flags]
     done = subprocess.run(
         [MOBISERVE, "serve", "--port", "0", "--model", str(int8_model), "--synsets", str(SYNSETS), *args],
-        capture_output=True, text=True, timeout=120,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert done.returncode == 1, done.stderr
     last = done.stderr.strip().splitlines()[-1]

@@ -17,8 +17,6 @@ import grpc
 import numpy as np
 import onnx
 import pytest
-from onnx import TensorProto, helper
-
 from conftest import SAMPLE, SYNSETS, model_config, request_of, start_server
 from mobiserve.server.cli import main
 from mobiserve.server.processing.labels import Labels
@@ -27,6 +25,7 @@ from mobiserve.server.runtime.model import Model
 from mobiserve.server.runtime.session import SessionTuning
 from mobiserve.server.workflows.dataset import spread
 from mobiserve.v1 import classifier_pb2_grpc as pb_grpc
+from onnx import TensorProto, helper
 
 # The card's pipeline on the shared sample (../shared/models/README.md): top-1, top-5.
 REFERENCE = {"int8": (0.8350, 0.9515), "fp32": (0.8291, 0.9650)}
@@ -60,8 +59,21 @@ def mobiserve(*args: str) -> Run:
 def evaluated(int8_model: Path, fp32_model: Path) -> dict[str, dict[str, Any]]:
     """Both models evaluated on the whole sample, with a short timing pass."""
     return {
-        name: mobiserve("evaluate", str(path), "--images", str(SAMPLE), "--synsets", str(SYNSETS),
-                        "--batch-size", "1", "8", "32", "--rounds", "2", "--json").json()
+        name: mobiserve(
+            "evaluate",
+            str(path),
+            "--images",
+            str(SAMPLE),
+            "--synsets",
+            str(SYNSETS),
+            "--batch-size",
+            "1",
+            "8",
+            "32",
+            "--rounds",
+            "2",
+            "--json",
+        ).json()
         for name, path in (("int8", int8_model), ("fp32", fp32_model))
     }
 
@@ -108,14 +120,27 @@ def test_evaluate_without_labelled_images_is_a_clear_error(tmp_path: Path, int8_
 
 # ------------------------------------------------------------------------------------- quantize
 
+
 @pytest.fixture(scope="module")
 def quantized(tmp_path_factory: pytest.TempPathFactory, fp32_model: Path) -> tuple[Path, dict[str, Any]]:
     """The fp32 stand-in quantized with the default options on 100 sample images; the other 415
     are the held-out comparison."""
     output = tmp_path_factory.mktemp("quantized") / "mobilenetv2-int8-mine.onnx"
-    result = mobiserve("quantize", str(fp32_model), "--calibration", str(SAMPLE), "--output", str(output),
-                       "--calibration-count", str(CALIBRATION_COUNT), "--synsets", str(SYNSETS),
-                       "--rounds", "5", "--json").json()
+    result = mobiserve(
+        "quantize",
+        str(fp32_model),
+        "--calibration",
+        str(SAMPLE),
+        "--output",
+        str(output),
+        "--calibration-count",
+        str(CALIBRATION_COUNT),
+        "--synsets",
+        str(SYNSETS),
+        "--rounds",
+        "5",
+        "--json",
+    ).json()
     return output, result
 
 
@@ -163,17 +188,20 @@ def _tiny_model(path: Path, side: int) -> Path:
     x = helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 3, side, side])
     y = helper.make_tensor_value_info("output", TensorProto.FLOAT, ["N", 3])
     graph = helper.make_graph(
-        [helper.make_node("GlobalAveragePool", ["input"], ["pooled"]), helper.make_node("Flatten", ["pooled"], ["output"])],
-        "tiny", [x], [y],
+        [
+            helper.make_node("GlobalAveragePool", ["input"], ["pooled"]),
+            helper.make_node("Flatten", ["pooled"], ["output"]),
+        ],
+        "tiny",
+        [x],
+        [y],
     )
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), str(path))
     return path
 
 
 @pytest.mark.parametrize("case", ["not onnx", "wrong input shape", "empty calibration folder", "already int8"])
-def test_quantize_bad_input_is_a_one_line_error(
-    tmp_path: Path, fp32_model: Path, int8_model: Path, case: str
-) -> None:
+def test_quantize_bad_input_is_a_one_line_error(tmp_path: Path, fp32_model: Path, int8_model: Path, case: str) -> None:
     model, calibration = fp32_model, SAMPLE
     if case == "not onnx":
         model = tmp_path / "model.onnx"

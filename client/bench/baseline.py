@@ -24,13 +24,12 @@ from typing import Any
 
 import numpy as np
 import onnxruntime as ort
-from PIL import Image
-
 from mobiserve.server.app import load_model
 from mobiserve.server.config import ModelConfig
 from mobiserve.server.processing.normalize import assemble
 from mobiserve.server.processing.preprocess import ImageLimits, preprocess_encoded
 from mobiserve.server.runtime.session import SessionTuning, open_session
+from PIL import Image
 
 CARD_BATCH = 16
 LATENCY_IMAGES = 60
@@ -73,7 +72,9 @@ def card_preprocess(data: bytes) -> np.ndarray:
     im = im.resize((round(w * s), round(h * s)), Image.BILINEAR)
     w, h = im.size
     left, top = (w - 224) // 2, (h - 224) // 2
-    return ((np.asarray(im.crop((left, top, left + 224, top + 224)), np.float32) / 255 - _MEAN) / _STD).transpose(2, 0, 1)
+    return ((np.asarray(im.crop((left, top, left + 224, top + 224)), np.float32) / 255 - _MEAN) / _STD).transpose(
+        2, 0, 1
+    )
 
 
 def measure(config: ModelConfig, data: Sequence[bytes], seconds: float, threads: int) -> Baseline:
@@ -83,9 +84,17 @@ def measure(config: ModelConfig, data: Sequence[bytes], seconds: float, threads:
     ort_img_s = _ort(config, seconds / 4)
     best = max(ort_img_s, key=lambda b: ort_img_s[b])
     return Baseline(
-        model=config.path, seconds=seconds, threads=threads, card_img_s=card_img_s, own_img_s=own_img_s,
-        card_latency_ms=card_latency, own_latency_ms=own_latency, own_batch=config.max_batch_size,
-        ort_img_s=ort_img_s, ort_best_img_s=ort_img_s[best], ort_best_batch=best,
+        model=config.path,
+        seconds=seconds,
+        threads=threads,
+        card_img_s=card_img_s,
+        own_img_s=own_img_s,
+        card_latency_ms=card_latency,
+        own_latency_ms=own_latency,
+        own_batch=config.max_batch_size,
+        ort_img_s=ort_img_s,
+        ort_best_img_s=ort_img_s[best],
+        ort_best_batch=best,
     )
 
 
@@ -95,8 +104,8 @@ def _card(path: str, data: Sequence[bytes], seconds: float, threads: int) -> tup
     session = ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
     name = session.get_inputs()[0].name
     latency = _latency(lambda b: session.run(None, {name: card_preprocess(b)[None]}), data)
-    run = (lambda x: session.run(None, {name: x}))
-    stack = (lambda prepared: np.stack(list(prepared)))
+    run = lambda x: session.run(None, {name: x})
+    stack = lambda prepared: np.stack(list(prepared))
     with ThreadPoolExecutor(threads) as pool:
         img_s = _pipeline(card_preprocess, stack, run, data, CARD_BATCH, pool, seconds, loops=1)
     return img_s, latency
@@ -105,10 +114,12 @@ def _card(path: str, data: Sequence[bytes], seconds: float, threads: int) -> tup
 def _own(config: ModelConfig, data: Sequence[bytes], seconds: float, threads: int) -> tuple[float, float]:
     model = load_model(config)
     limits = ImageLimits()
-    prepare = (lambda b: preprocess_encoded(b, limits))
+    prepare = lambda b: preprocess_encoded(b, limits)
     latency = _latency(lambda b: model.infer([prepare(b)]), data)
     with ThreadPoolExecutor(threads) as pool:
-        img_s = _pipeline(prepare, list, model.infer, data, config.max_batch_size, pool, seconds, loops=config.instances)
+        img_s = _pipeline(
+            prepare, list, model.infer, data, config.max_batch_size, pool, seconds, loops=config.instances
+        )
     return img_s, latency
 
 
@@ -122,8 +133,14 @@ def _latency(one: Callable[[bytes], object], data: Sequence[bytes]) -> float:
 
 
 def _pipeline(
-    prepare: Callable[[bytes], np.ndarray], collect: Callable[[Iterator[np.ndarray]], Any],
-    infer: Callable[[Any], object], data: Sequence[bytes], batch: int, pool: ThreadPoolExecutor, seconds: float, loops: int,
+    prepare: Callable[[bytes], np.ndarray],
+    collect: Callable[[Iterator[np.ndarray]], Any],
+    infer: Callable[[Any], object],
+    data: Sequence[bytes],
+    batch: int,
+    pool: ThreadPoolExecutor,
+    seconds: float,
+    loops: int,
 ) -> float:
     """check_perf's loop: while a batch runs, the pool prepares the next one. `loops` such loops
     run at once (one per session instance) on the shared pool; images/s over all of them."""
@@ -157,7 +174,7 @@ def _ort(config: ModelConfig, seconds: float) -> dict[int, float]:
             s.run(None, {name: x})
         counts = [0] * len(sessions)
 
-        def loop(k: int) -> None:
+        def loop(k: int, x: np.ndarray = x, counts: list[int] = counts, batch: int = batch) -> None:
             t0 = time.perf_counter()
             while time.perf_counter() - t0 < seconds:
                 sessions[k].run(None, {name: x})

@@ -25,40 +25,80 @@ IMAGE_SUFFIXES = {".jpeg", ".jpg", ".png", ".webp", ".bmp", ".gif", ".tif", ".ti
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     """Add this module's subcommands to the `mobiserve` parser."""
     p = sub.add_parser(
-        "bench", help="load-test a server: concurrency or rate sweep, baselines, report",
+        "bench",
+        help="load-test a server: concurrency or rate sweep, baselines, report",
         description="Measure a mobiserve server's throughput and latency (closed-loop concurrency sweep or "
-                    "open-loop Poisson rate), optionally beside in-process references and an unbatched server; "
-                    "writes a table, JSON, CSV and a PNG plot into --output.",
+        "open-loop Poisson rate), optionally beside in-process references and an unbatched server; "
+        "writes a table, JSON, CSV and a PNG plot into --output.",
     )
     where = p.add_argument_group("server")
-    where.add_argument("--target", default="127.0.0.1:50051", help="HOST:PORT of a running server to measure (default: %(default)s)")
-    where.add_argument("--serve", nargs="?", const="", metavar="ARGS",
-                       help="start `mobiserve serve ARGS` on a free 127.0.0.1 port for the run instead "
-                            "(quote the arguments: --serve='--model m.onnx --max-batch-size 16')")
+    where.add_argument(
+        "--target", default="127.0.0.1:50051", help="HOST:PORT of a running server to measure (default: %(default)s)"
+    )
+    where.add_argument(
+        "--serve",
+        nargs="?",
+        const="",
+        metavar="ARGS",
+        help="start `mobiserve serve ARGS` on a free 127.0.0.1 port for the run instead "
+        "(quote the arguments: --serve='--model m.onnx --max-batch-size 16')",
+    )
     where.add_argument("--model", default="", help="model name to request (default: the server's default)")
     load = p.add_argument_group("load")
-    load.add_argument("--concurrency", default="1,2,4,8,16,32,64", help="closed loop: requests in flight, one step each (default: %(default)s)")
+    load.add_argument(
+        "--concurrency",
+        default="1,2,4,8,16,32,64",
+        help="closed loop: requests in flight, one step each (default: %(default)s)",
+    )
     load.add_argument("--rate", help="open loop instead: requests/s with Poisson arrivals, one step each (e.g. 50,100)")
     load.add_argument("--duration", type=float, default=10.0, help="seconds measured per step (default: %(default)s)")
     load.add_argument("--requests", type=int, help="measure this many requests per step instead of --duration")
-    load.add_argument("--warmup", type=float, default=2.0, help="seconds of unmeasured load before each step (default: %(default)s)")
-    load.add_argument("--mode", choices=("unary", "stream"), default="unary", help="Classify calls, or one pipelined ClassifyStream per client process (default: %(default)s)")
+    load.add_argument(
+        "--warmup", type=float, default=2.0, help="seconds of unmeasured load before each step (default: %(default)s)"
+    )
+    load.add_argument(
+        "--mode",
+        choices=("unary", "stream"),
+        default="unary",
+        help="Classify calls, or one pipelined ClassifyStream per client process (default: %(default)s)",
+    )
     load.add_argument("--images", type=Path, help="folder of images to send (JPEG bytes as they are)")
-    load.add_argument("--tensor", action="store_true",
-                      help="send float32 [3, 224, 224] inputs instead, made once up front by the server's preprocessing")
+    load.add_argument(
+        "--tensor",
+        action="store_true",
+        help="send float32 [3, 224, 224] inputs instead, made once up front by the server's preprocessing",
+    )
     load.add_argument("--batch", type=int, default=1, help="images per request (default: %(default)s)")
-    load.add_argument("--client-processes", type=int, default=0,
-                      help="load-generating processes (0: min(concurrency, max(2, cores / 4)))")
+    load.add_argument(
+        "--client-processes",
+        type=int,
+        default=0,
+        help="load-generating processes (0: min(concurrency, max(2, cores / 4)))",
+    )
     load.add_argument("--timeout", type=float, default=30.0, help="seconds per request (default: %(default)s)")
     extra = p.add_argument_group("comparisons (local servers only)")
-    extra.add_argument("--baseline", action="store_true",
-                       help="also measure in-process throughput and latency with no gRPC (card's Pillow pipeline, "
-                            "mobiserve's own, onnxruntime alone) and the preprocessing cost per image")
-    extra.add_argument("--baseline-seconds", type=float, default=8.0, help="seconds per in-process throughput figure (default: %(default)s)")
-    extra.add_argument("--preprocess-report", action="store_true",
-                       help="also measure ms/image of the card's Pillow preprocessing against mobiserve's")
-    extra.add_argument("--compare-unbatched", action="store_true",
-                       help="also run the same sweep against a plain unbatched gRPC server on the same model")
+    extra.add_argument(
+        "--baseline",
+        action="store_true",
+        help="also measure in-process throughput and latency with no gRPC (card's Pillow pipeline, "
+        "mobiserve's own, onnxruntime alone) and the preprocessing cost per image",
+    )
+    extra.add_argument(
+        "--baseline-seconds",
+        type=float,
+        default=8.0,
+        help="seconds per in-process throughput figure (default: %(default)s)",
+    )
+    extra.add_argument(
+        "--preprocess-report",
+        action="store_true",
+        help="also measure ms/image of the card's Pillow preprocessing against mobiserve's",
+    )
+    extra.add_argument(
+        "--compare-unbatched",
+        action="store_true",
+        help="also run the same sweep against a plain unbatched gRPC server on the same model",
+    )
     p.add_argument("--output", type=Path, help="report folder (default: reports/bench-<timestamp>)")
     p.set_defaults(func=_bench)
 
@@ -83,13 +123,19 @@ def run(args: argparse.Namespace) -> None:
     managed = serve_args is not None
     compare = args.baseline or args.compare_unbatched
     if compare and not (managed or is_local(args.target)):
-        raise BenchError("--baseline and --compare-unbatched compare with this machine: the target must be "
-                         f"127.0.0.1 or localhost (or use --serve), not {args.target}")
+        raise BenchError(
+            "--baseline and --compare-unbatched compare with this machine: the target must be "
+            f"127.0.0.1 or localhost (or use --serve), not {args.target}"
+        )
     out = args.output or Path("reports") / time.strftime("bench-%Y%m%d-%H%M%S")
     machine = rep.machine()
     report = rep.Report(
-        started=time.strftime("%Y-%m-%d %H:%M:%S"), command=sys.argv, machine=machine, target=args.target,
-        server={}, settings=_settings(args, loads, len(images)),
+        started=time.strftime("%Y-%m-%d %H:%M:%S"),
+        command=sys.argv,
+        machine=machine,
+        target=args.target,
+        server={},
+        settings=_settings(args, loads, len(images)),
     )
     with ExitStack() as stack:
         server_pid = None
@@ -112,18 +158,20 @@ def run(args: argparse.Namespace) -> None:
 
 
 def _sweep(workload: Workload, loads: list[Load], server: str, cores: int, pid: int | None) -> list[StepResult]:
-    from tqdm import tqdm
-
     from mobiserve.client.bench.loadgen import run_step
     from mobiserve.client.bench.servers import cpu_seconds
+    from tqdm import tqdm
 
     steps = []
     for load in loads:
         label = f"{server} " + (f"c={load.concurrency}" if load.closed else f"{load.rate:g} req/s")
         step = run_step(workload, load, server, cores, (lambda: cpu_seconds(pid)) if pid else (lambda: None), label)
         errors = sum(step.errors.values())
-        tqdm.write(f"{label}: {step.img_s:.1f} img/s, p50 {step.p50_ms:.1f} ms, p99 {step.p99_ms:.1f} ms, "
-                   f"{step.ok} ok, {errors} errors, client cpu {step.client_cpu_pct:.0f}%", file=sys.stderr)
+        tqdm.write(
+            f"{label}: {step.img_s:.1f} img/s, p50 {step.p50_ms:.1f} ms, p99 {step.p99_ms:.1f} ms, "
+            f"{step.ok} ok, {errors} errors, client cpu {step.client_cpu_pct:.0f}%",
+            file=sys.stderr,
+        )
         steps.append(step)
     return steps
 
@@ -137,13 +185,19 @@ def _references(report: Report, args: argparse.Namespace, images: list[Path], mo
     print("in-process references (no gRPC) ...", file=sys.stderr)
     if args.baseline:
         s = report.server
-        config = ModelConfig(name=s["name"], path=model_path, max_batch_size=s["max_batch_size"],
-                             instances=s["instances"], intra_op_threads=s["intra_op_threads"])
+        config = ModelConfig(
+            name=s["name"],
+            path=model_path,
+            max_batch_size=s["max_batch_size"],
+            instances=s["instances"],
+            intra_op_threads=s["intra_op_threads"],
+        )
         report.baseline = baseline.measure(config, data, args.baseline_seconds, available_cores())
     report.preprocess = baseline.preprocess_report(data)
 
 
 # ------------------------------------------------------------------------------- parsing, checks
+
 
 def _loads(args: argparse.Namespace) -> list[Load]:
     from mobiserve.server.runtime.session import available_cores
@@ -157,8 +211,11 @@ def _loads(args: argparse.Namespace) -> list[Load]:
     if args.client_processes < 0:
         raise BenchError(f"--client-processes must be 0 (automatic) or more, got {args.client_processes}")
     auto = max(2, available_cores() // 4)
-    timing: dict[str, Any] = {"duration_s": None if args.requests else args.duration,
-                              "requests": args.requests, "warmup_s": args.warmup}
+    timing: dict[str, Any] = {
+        "duration_s": None if args.requests else args.duration,
+        "requests": args.requests,
+        "warmup_s": args.warmup,
+    }
     if args.rate:
         rates = _numbers(args.rate, "--rate", float)
         return [Load(rate=r, processes=args.client_processes or auto, **timing) for r in rates]
@@ -178,7 +235,9 @@ def _numbers(text: str, flag: str, kind: type) -> list[Any]:
 
 def _images(folder: Path | None) -> list[Path]:
     if folder is None:
-        raise BenchError("give --images DIR: a folder of images to send (with --tensor too: they are preprocessed once)")
+        raise BenchError(
+            "give --images DIR: a folder of images to send (with --tensor too: they are preprocessed once)"
+        )
     if not folder.is_dir():
         raise BenchError(f"--images: {folder} is not a folder")
     images = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
@@ -189,17 +248,28 @@ def _images(folder: Path | None) -> list[Path]:
 
 def _workload(args: argparse.Namespace, target: str, images: list[Path], model: str | None = None) -> Workload:
     return Workload(
-        target=target, images=tuple(str(p) for p in images), mode=args.mode, tensor=args.tensor,
-        batch=args.batch, model=args.model if model is None else model, timeout_s=args.timeout,
+        target=target,
+        images=tuple(str(p) for p in images),
+        mode=args.mode,
+        tensor=args.tensor,
+        batch=args.batch,
+        model=args.model if model is None else model,
+        timeout_s=args.timeout,
     )
 
 
 def _settings(args: argparse.Namespace, loads: list[Load], images: int) -> dict[str, Any]:
     return {
-        "loop": "closed" if loads[0].closed else "open", "mode": args.mode,
-        "inputs": "tensor" if args.tensor else "jpeg", "batch": args.batch, "images": str(args.images),
-        "image_count": images, "duration_s": loads[0].duration_s, "requests": args.requests,
-        "warmup_s": args.warmup, "timeout_s": args.timeout,
+        "loop": "closed" if loads[0].closed else "open",
+        "mode": args.mode,
+        "inputs": "tensor" if args.tensor else "jpeg",
+        "batch": args.batch,
+        "images": str(args.images),
+        "image_count": images,
+        "duration_s": loads[0].duration_s,
+        "requests": args.requests,
+        "warmup_s": args.warmup,
+        "timeout_s": args.timeout,
         "concurrency": [ld.concurrency for ld in loads] if loads[0].closed else [],
         "rate": [ld.rate for ld in loads] if not loads[0].closed else [],
         "client_processes": [ld.processes for ld in loads],
@@ -210,7 +280,6 @@ def _model_info(target: str, model: str) -> dict[str, Any]:
     """ListModels' entry for the model the load asks for; {} if the server does not list models."""
     import grpc
     from google.protobuf.json_format import MessageToDict
-
     from mobiserve.client.bench.loadgen import CHANNEL_OPTIONS
     from mobiserve.v1 import classifier_pb2 as pb
     from mobiserve.v1 import classifier_pb2_grpc as pb_grpc
@@ -232,6 +301,8 @@ def _model_path(server: dict[str, Any]) -> str:
     """The served ONNX file, for the in-process references and the unbatched server."""
     path = server.get("path", "")
     if not path or not Path(path).is_file():
-        raise BenchError(f"the comparisons load the server's model file, but {path or 'its path'!r} "
-                         "(from ListModels) is not a file here: run from the server's folder or use --serve")
+        raise BenchError(
+            f"the comparisons load the server's model file, but {path or 'its path'!r} "
+            "(from ListModels) is not a file here: run from the server's folder or use --serve"
+        )
     return path

@@ -26,10 +26,9 @@ from typing import Any
 
 import grpc
 import numpy as np
-from tqdm import tqdm
-
 from mobiserve.v1 import classifier_pb2 as pb
 from mobiserve.v1 import classifier_pb2_grpc as pb_grpc
+from tqdm import tqdm
 
 TENSOR_INPUTS = 64  # distinct float32 inputs per worker in --tensor mode (600 KB each)
 CHANNEL_OPTIONS = [
@@ -111,6 +110,7 @@ class StepResult:
 
 # ------------------------------------------------------------------------------------ parent side
 
+
 @dataclass
 class _Sync:
     """Shared between the parent and its workers."""
@@ -168,8 +168,15 @@ def run_step(
         sync.start.value = t_warm
         sync.go.set()
         total = load.duration_s or load.requests or 0
-        with tqdm(total=total, unit="s" if load.duration_s else "req", desc=label, leave=False, disable=None,
-                  bar_format="{desc} {bar} {n:.0f}/{total:.0f} {unit} [{elapsed}]") as bar:
+        with tqdm(
+            total=total,
+            unit="s" if load.duration_s else "req",
+            desc=label,
+            leave=False,
+            disable=None,
+            bar_format="{desc} {bar} {n:.0f}/{total:.0f} {unit} [{elapsed}]",
+        ) as bar:
+
             def tick() -> None:
                 bar.n = min(total, max(0.0, time.monotonic() - t_start)) if load.duration_s else sync.progress.value
                 bar.refresh()
@@ -200,14 +207,18 @@ def _shares(load: Load) -> list[_Share]:
         sizes = [load.concurrency // processes + (k < load.concurrency % processes) for k in range(processes)]
         firsts = np.cumsum([0, *sizes])
         return [
-            _Share(k, tuple(range(firsts[k], firsts[k] + n)), load.concurrency, 0.0, None)
-            for k, n in enumerate(sizes)
+            _Share(k, tuple(range(firsts[k], firsts[k] + n)), load.concurrency, 0.0, None) for k, n in enumerate(sizes)
         ]
     processes = max(1, load.processes)
     requests = load.requests or 0
     return [
-        _Share(k, (), 0, load.rate / processes,
-               requests // processes + (k < requests % processes) if load.requests else None)
+        _Share(
+            k,
+            (),
+            0,
+            load.rate / processes,
+            requests // processes + (k < requests % processes) if load.requests else None,
+        )
         for k in range(processes)
     ]
 
@@ -219,8 +230,9 @@ def _sample_at(when: float, sample: Callable[[], float | None], tick: Callable[[
     return sample()
 
 
-def _collect(sync: _Sync, workers: list[Any], kind: str, timeout: float | None,
-             tick: Callable[[], None] = lambda: None) -> list[Any]:
+def _collect(
+    sync: _Sync, workers: list[Any], kind: str, timeout: float | None, tick: Callable[[], None] = lambda: None
+) -> list[Any]:
     """Wait for every worker's `kind` message; a worker error or death is a BenchError."""
     got: dict[int, Any] = {}
     end = None if timeout is None else time.monotonic() + timeout
@@ -246,8 +258,14 @@ def _collect(sync: _Sync, workers: list[Any], kind: str, timeout: float | None,
 
 
 def _summarise(
-    records: list[_Records], workload: Workload, load: Load, server: str, cores: int,
-    t_start: float, server_cpu_s: float | None, server_window_s: float,
+    records: list[_Records],
+    workload: Workload,
+    load: Load,
+    server: str,
+    cores: int,
+    t_start: float,
+    server_cpu_s: float | None,
+    server_window_s: float,
 ) -> StepResult:
     cat = {f.name: np.concatenate([getattr(r, f.name) for r in records]) for f in fields(_Records) if f.name != "cpu_s"}
     if load.duration_s:  # the requests that completed inside the window
@@ -274,17 +292,32 @@ def _summarise(
     client_cpu_s = sum(r.cpu_s for r in records)
     errors = Counter(_CODE_NAMES.get(int(c), str(int(c))) for c in cat["code"][selected & ~ok])
     return StepResult(
-        server=server, loop="closed" if load.closed else "open", mode=workload.mode,
-        inputs="tensor" if workload.tensor else "jpeg", concurrency=load.concurrency, rate=load.rate,
-        batch=workload.batch, processes=len(records), window_s=round(window, 3),
-        requests=int(selected.sum()), ok=n_ok, images=n_ok * workload.batch,
-        req_s=per_s(n_ok), img_s=per_s(n_ok * workload.batch),
-        p50_ms=round(float(p50), 3), p90_ms=round(float(p90), 3), p95_ms=round(float(p95), 3), p99_ms=round(float(p99), 3),
+        server=server,
+        loop="closed" if load.closed else "open",
+        mode=workload.mode,
+        inputs="tensor" if workload.tensor else "jpeg",
+        concurrency=load.concurrency,
+        rate=load.rate,
+        batch=workload.batch,
+        processes=len(records),
+        window_s=round(window, 3),
+        requests=int(selected.sum()),
+        ok=n_ok,
+        images=n_ok * workload.batch,
+        req_s=per_s(n_ok),
+        img_s=per_s(n_ok * workload.batch),
+        p50_ms=round(float(p50), 3),
+        p90_ms=round(float(p90), 3),
+        p95_ms=round(float(p95), 3),
+        p99_ms=round(float(p99), 3),
         max_ms=round(float(latency_ms.max()), 3) if n_ok else nan,
         mean_ms=round(float(latency_ms.mean()), 3) if n_ok else nan,
-        queue_ms=mean("queue_us", 1e-3), preprocess_ms=mean("preprocess_us", 1e-3),
-        inference_ms=mean("inference_us", 1e-3), batch_size=mean("batch_size"),
-        client_cpu_s=round(client_cpu_s, 3), client_cpu_pct=pct_of_cores(client_cpu_s, window) or 0.0,
+        queue_ms=mean("queue_us", 1e-3),
+        preprocess_ms=mean("preprocess_us", 1e-3),
+        inference_ms=mean("inference_us", 1e-3),
+        batch_size=mean("batch_size"),
+        client_cpu_s=round(client_cpu_s, 3),
+        client_cpu_pct=pct_of_cores(client_cpu_s, window) or 0.0,
         server_cpu_pct=pct_of_cores(server_cpu_s, server_window_s),
         lag_max_ms=round(float(cat["lag"][selected].max()) * 1000, 3) if selected.any() else 0.0,
         errors=dict(sorted(errors.items())),
@@ -316,7 +349,7 @@ async def _work(workload: Workload, load: Load, share: _Share, sync: _Sync) -> _
     async with grpc.aio.insecure_channel(workload.target, options=CHANNEL_OPTIONS) as channel:
         try:
             await asyncio.wait_for(channel.channel_ready(), 30)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             raise BenchError(f"cannot connect to {workload.target} within 30 s") from None
         stub = pb_grpc.ClassifierStub(channel)
         await stub.Classify(requests[0], timeout=max(workload.timeout_s, 60))  # connection and server warm
@@ -344,14 +377,17 @@ async def _work(workload: Workload, load: Load, share: _Share, sync: _Sync) -> _
 def build_requests(workload: Workload) -> list[pb.ClassifyRequest]:
     """Requests built once: `batch` consecutive inputs each, cycling through all inputs."""
     if workload.tensor:
-        images = [pb.Image(tensor=pb.Tensor(shape=list(x.shape), dtype="float32", data=x.tobytes()))
-                  for x in model_inputs(workload.images[:TENSOR_INPUTS])]
+        images = [
+            pb.Image(tensor=pb.Tensor(shape=list(x.shape), dtype="float32", data=x.tobytes()))
+            for x in model_inputs(workload.images[:TENSOR_INPUTS])
+        ]
     else:
         images = [pb.Image(encoded=Path(p).read_bytes()) for p in workload.images]
     count = -(-len(images) // workload.batch)
     return [
-        pb.ClassifyRequest(model=workload.model,
-                           images=[images[(j * workload.batch + k) % len(images)] for k in range(workload.batch)])
+        pb.ClassifyRequest(
+            model=workload.model, images=[images[(j * workload.batch + k) % len(images)] for k in range(workload.batch)]
+        )
         for j in range(count)
     ]
 
@@ -378,7 +414,9 @@ class _Recorder:
         if t is None:
             self._rows.append((start, done, code, 0, 0, 0, 0, measured, lag))
         else:
-            self._rows.append((start, done, code, t.queue_us, t.preprocess_us, t.inference_us, t.batch_size, measured, lag))
+            self._rows.append(
+                (start, done, code, t.queue_us, t.preprocess_us, t.inference_us, t.batch_size, measured, lag)
+            )
         if measured and self._progress is not None:
             with self._progress.get_lock():
                 self._progress.value += 1
@@ -389,9 +427,17 @@ class _Recorder:
         return _Records(*(np.array(c, dtype=d) for c, d in zip(cols, dtypes)), cpu_s=cpu_s)  # type: ignore[arg-type]
 
 
-async def _closed_loop(call: _Call, requests: list[pb.ClassifyRequest], share: _Share, recorder: _Recorder,
-                       sync: _Sync, t_start: float, t_end: float | None) -> None:
+async def _closed_loop(
+    call: _Call,
+    requests: list[pb.ClassifyRequest],
+    share: _Share,
+    recorder: _Recorder,
+    sync: _Sync,
+    t_start: float,
+    t_end: float | None,
+) -> None:
     """Each caller keeps one request in flight: send, wait for the answer, send the next."""
+
     def ticket() -> bool:
         with sync.tickets.get_lock():
             if sync.tickets.value <= 0:
@@ -416,8 +462,15 @@ async def _closed_loop(call: _Call, requests: list[pb.ClassifyRequest], share: _
     await asyncio.gather(*(caller(g) for g in share.callers))
 
 
-async def _open_loop(call: _Call, requests: list[pb.ClassifyRequest], share: _Share, recorder: _Recorder,
-                     t_warm: float, t_start: float, t_end: float | None) -> None:
+async def _open_loop(
+    call: _Call,
+    requests: list[pb.ClassifyRequest],
+    share: _Share,
+    recorder: _Recorder,
+    t_warm: float,
+    t_start: float,
+    t_end: float | None,
+) -> None:
     """Poisson arrivals at `share.rate`, whatever the answers do; latency counts from the scheduled time."""
     rng = random.Random(share.index)
     tasks: set[asyncio.Task[None]] = set()
@@ -450,6 +503,7 @@ def _unary(stub: pb_grpc.ClassifierStub, timeout: float) -> _Call:
         except grpc.aio.AioRpcError as exc:
             return exc.code().value[0], None
         return 0, response.timing
+
     return call
 
 
@@ -485,7 +539,7 @@ class _Stream:
                 pass  # the reader reports the stream's status to every pending request
         try:
             return await asyncio.wait_for(future, self._timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             return grpc.StatusCode.DEADLINE_EXCEEDED.value[0], None
 
     async def _read(self, call: Any, pending: dict[str, asyncio.Future[_Outcome]]) -> None:

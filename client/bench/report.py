@@ -67,14 +67,19 @@ def machine() -> Machine:
     except OSError:
         pass
     return Machine(
-        cpu=cpu, cores=available_cores(), logical_cpus=os.cpu_count() or 1,
-        onnxruntime=onnxruntime.__version__, grpcio=grpc.__version__, python=platform.python_version(),
+        cpu=cpu,
+        cores=available_cores(),
+        logical_cpus=os.cpu_count() or 1,
+        onnxruntime=onnxruntime.__version__,
+        grpcio=grpc.__version__,
+        python=platform.python_version(),
         platform=platform.platform(terse=True),
         loadavg=tuple(round(x, 2) for x in os.getloadavg()) if hasattr(os, "getloadavg") else None,  # type: ignore[arg-type]
     )
 
 
 # ------------------------------------------------------------------------------------------ ratios
+
 
 def step_ratios(step: StepResult, report: Report) -> dict[str, float | None]:
     """This step's throughput against the in-process references and the unbatched server."""
@@ -104,7 +109,9 @@ def headline_ratios(report: Report) -> list[Ratio]:
     closed = [s for s in report.steps if s.loop == "closed"]
     b = report.baseline
     if closed:
-        top = next((s for s in closed if s.concurrency == REFERENCE_CONCURRENCY), max(closed, key=lambda s: s.concurrency))
+        top = next(
+            (s for s in closed if s.concurrency == REFERENCE_CONCURRENCY), max(closed, key=lambda s: s.concurrency)
+        )
         r = step_ratios(top, report)
         c = f"c={top.concurrency}"
         for key, name, floor in (
@@ -119,16 +126,26 @@ def headline_ratios(report: Report) -> list[Ratio]:
         one = next((s for s in closed if s.concurrency == 1 and s.inputs == "jpeg" and s.batch == 1), None)
         if one is not None and b is not None:
             for name, latency in (("card's", b.card_latency_ms), ("mobiserve's", b.own_latency_ms)):
-                add(f"c=1 p50 - {name} single-image latency in-process (ms)", one.p50_ms - latency, "<= +1",
-                    one.p50_ms <= latency + 1)
+                add(
+                    f"c=1 p50 - {name} single-image latency in-process (ms)",
+                    one.p50_ms - latency,
+                    "<= +1",
+                    one.p50_ms <= latency + 1,
+                )
     errors = sum(sum(s.errors.values()) for s in report.steps)
     add("errors, all steps", errors, "0", errors == 0)
     if report.preprocess is not None:
-        add("preprocessing ms/image: card's Pillow / mobiserve's", report.preprocess.speedup, "as high as possible", None)
+        add(
+            "preprocessing ms/image: card's Pillow / mobiserve's",
+            report.preprocess.speedup,
+            "as high as possible",
+            None,
+        )
     return out
 
 
 # ------------------------------------------------------------------------------------------ output
+
 
 def write_all(report: Report, out: Path) -> list[Path]:
     """bench.json, bench.csv, bench.txt (the table) and bench.png (when matplotlib is there)."""
@@ -214,32 +231,79 @@ def _load_label(step: StepResult) -> str:
 
 def print_table(report: Report, out: TextIO) -> None:
     m, s = report.machine, report.settings
-    p = (lambda *a: print(*a, file=out))
+    p = lambda *a: print(*a, file=out)
     p(f"mobiserve bench  {report.started}  target {report.target}")
-    p(f"machine: {m.cpu}, {m.cores} cores, onnxruntime {m.onnxruntime}, grpcio {m.grpcio}, "
-      f"python {m.python}, load average at start {m.loadavg}")
+    p(
+        f"machine: {m.cpu}, {m.cores} cores, onnxruntime {m.onnxruntime}, grpcio {m.grpcio}, "
+        f"python {m.python}, load average at start {m.loadavg}"
+    )
     srv = report.server
     if srv.get("name"):
-        p(f"server: model {srv['name']} ({srv.get('path')}), max batch {srv.get('max_batch_size')}, "
-          f"queue delay {srv.get('max_queue_delay_ms')} ms, {srv.get('instances')} instance(s) x "
-          f"{srv.get('intra_op_threads')} intra-op threads" + (f"; serve args: {srv['serve_args']}" if srv.get("serve_args") else ""))
+        p(
+            f"server: model {srv['name']} ({srv.get('path')}), max batch {srv.get('max_batch_size')}, "
+            f"queue delay {srv.get('max_queue_delay_ms')} ms, {srv.get('instances')} instance(s) x "
+            f"{srv.get('intra_op_threads')} intra-op threads"
+            + (f"; serve args: {srv['serve_args']}" if srv.get("serve_args") else "")
+        )
     measure = f"{s['duration_s']:g} s" if s.get("duration_s") else f"{s['requests']} requests"
-    p(f"load: {s['loop']} loop, {s['mode']}, {s['inputs']}, {s['batch']} image(s)/request, "
-      f"{measure} per step after {s['warmup_s']:g} s warm-up")
+    p(
+        f"load: {s['loop']} loop, {s['mode']}, {s['inputs']}, {s['batch']} image(s)/request, "
+        f"{measure} per step after {s['warmup_s']:g} s warm-up"
+    )
     p("")
-    head = ["server", "load", "proc", "req/s", "img/s", "p50", "p90", "p95", "p99", "max",
-            "queue", "prep", "infer", "batch", "cli cpu", "srv cpu", "x card", "x own", "x ort", "x unb", "errors"]
+    head = [
+        "server",
+        "load",
+        "proc",
+        "req/s",
+        "img/s",
+        "p50",
+        "p90",
+        "p95",
+        "p99",
+        "max",
+        "queue",
+        "prep",
+        "infer",
+        "batch",
+        "cli cpu",
+        "srv cpu",
+        "x card",
+        "x own",
+        "x ort",
+        "x unb",
+        "errors",
+    ]
     rows = []
     for st in report.steps + report.unbatched:
         r = step_ratios(st, report) if st.server != "unbatched" else {}
-        rows.append([
-            st.server, _load_label(st), str(st.processes), f"{st.req_s:.1f}", f"{st.img_s:.1f}",
-            *(_ms(v) for v in (st.p50_ms, st.p90_ms, st.p95_ms, st.p99_ms, st.max_ms, st.queue_ms, st.preprocess_ms, st.inference_ms)),
-            _num(st.batch_size, 1), f"{st.client_cpu_pct:.0f}%",
-            "-" if st.server_cpu_pct is None else f"{st.server_cpu_pct:.0f}%",
-            *(_num(r.get(k), 2) for k in ("x_card", "x_own", "x_ort", "x_unbatched")),
-            ",".join(f"{k}={v}" for k, v in st.errors.items()) or "0",
-        ])
+        rows.append(
+            [
+                st.server,
+                _load_label(st),
+                str(st.processes),
+                f"{st.req_s:.1f}",
+                f"{st.img_s:.1f}",
+                *(
+                    _ms(v)
+                    for v in (
+                        st.p50_ms,
+                        st.p90_ms,
+                        st.p95_ms,
+                        st.p99_ms,
+                        st.max_ms,
+                        st.queue_ms,
+                        st.preprocess_ms,
+                        st.inference_ms,
+                    )
+                ),
+                _num(st.batch_size, 1),
+                f"{st.client_cpu_pct:.0f}%",
+                "-" if st.server_cpu_pct is None else f"{st.server_cpu_pct:.0f}%",
+                *(_num(r.get(k), 2) for k in ("x_card", "x_own", "x_ort", "x_unbatched")),
+                ",".join(f"{k}={v}" for k, v in st.errors.items()) or "0",
+            ]
+        )
     widths = [max(len(h), *(len(row[i]) for row in rows)) if rows else len(h) for i, h in enumerate(head)]
     p("  ".join(h.rjust(w) for h, w in zip(head, widths)))
     for row in rows:
@@ -250,19 +314,28 @@ def print_table(report: Report, out: TextIO) -> None:
         p("")
         p(f"in-process, no gRPC ({b.seconds:g} s each, {b.threads} threads):")
         lines = [
-            (f"card's Pillow pipeline, batches of {CARD_BATCH}", b.card_img_s, f"single image {b.card_latency_ms:.2f} ms"),
+            (
+                f"card's Pillow pipeline, batches of {CARD_BATCH}",
+                b.card_img_s,
+                f"single image {b.card_latency_ms:.2f} ms",
+            ),
             (f"mobiserve's pipeline, batches of {b.own_batch}", b.own_img_s, f"single image {b.own_latency_ms:.2f} ms"),
-            (f"onnxruntime on ready tensors, best: batch {b.ort_best_batch}", b.ort_best_img_s,
-             " ".join(f"b{k}={v:.0f}" for k, v in b.ort_img_s.items())),
+            (
+                f"onnxruntime on ready tensors, best: batch {b.ort_best_batch}",
+                b.ort_best_img_s,
+                " ".join(f"b{k}={v:.0f}" for k, v in b.ort_img_s.items()),
+            ),
         ]
         for name, img_s, note in lines:
             p(f"  {name:<46} {img_s:8.1f} img/s   {note}")
     pre = report.preprocess
     if pre is not None:
         p("")
-        p(f"preprocessing, ms/image (median of {pre.images} images, one thread): card's Pillow {pre.card_ms:.2f}; "
-          f"mobiserve {pre.own_total_ms:.2f} = decode+crop {pre.own_ms:.2f} + normalise {pre.normalize_ms:.2f}; "
-          f"{pre.speedup:.2f}x")
+        p(
+            f"preprocessing, ms/image (median of {pre.images} images, one thread): card's Pillow {pre.card_ms:.2f}; "
+            f"mobiserve {pre.own_total_ms:.2f} = decode+crop {pre.own_ms:.2f} + normalise {pre.normalize_ms:.2f}; "
+            f"{pre.speedup:.2f}x"
+        )
     if report.ratios:
         p("")
         p("ratios (targets from issue 4; compare only figures from the same run):")

@@ -11,8 +11,8 @@ Run: python -m mobiserve.client.bench.unbatched --model PATH --port PORT
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import asyncio
+import dataclasses
 import signal
 import time
 from collections.abc import Sequence
@@ -20,7 +20,6 @@ from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-
 from mobiserve.server.config import IMAGENET_SYNSETS, ModelConfig
 from mobiserve.server.metrics import Metrics
 from mobiserve.server.processing.labels import Labels
@@ -43,8 +42,14 @@ class UnbatchedModel:
         self.model = model
         self.limits = limits
         self.max_images = max_images
-        self.config = ModelConfig(name=NAME, path=model.path, max_batch_size=1, instances=threads,
-                                  intra_op_threads=model.tuning.intra_op_threads, max_queue_size=0)
+        self.config = ModelConfig(
+            name=NAME,
+            path=model.path,
+            max_batch_size=1,
+            instances=threads,
+            intra_op_threads=model.tuning.intra_op_threads,
+            max_queue_size=0,
+        )
         self._pool = ThreadPoolExecutor(threads, thread_name_prefix="request")
 
     @property

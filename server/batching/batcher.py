@@ -43,7 +43,7 @@ class Admission:
     it. Use as a context manager: whatever was not consumed by a batch is released on exit.
     """
 
-    def __init__(self, batcher: "Batcher[T, R]", count: int):  # type: ignore[type-var]
+    def __init__(self, batcher: Batcher[T, R], count: int):  # type: ignore[type-var]
         self._batcher = batcher
         self.remaining = count
 
@@ -52,7 +52,7 @@ class Admission:
         self.remaining -= count
         self._batcher.admitted -= count
 
-    def __enter__(self) -> "Admission":
+    def __enter__(self) -> Admission:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -126,7 +126,9 @@ class Batcher(Generic[T, R]):
             raise Unavailable("the server is shutting down")
         limit = self.max_queue_size
         if limit and count > limit:
-            raise InvalidInput(f"request has {count} images, more than the queue limit of {limit} for model {self.name!r}")
+            raise InvalidInput(
+                f"request has {count} images, more than the queue limit of {limit} for model {self.name!r}"
+            )
         if limit and self.admitted + count > limit:
             raise Overloaded(
                 f"model {self.name!r} is overloaded: {self.admitted} images queued, limit {limit}; retry later"
@@ -209,7 +211,9 @@ class Batcher(Generic[T, R]):
             if len(results) != len(batch):
                 raise RuntimeError(f"the model returned {len(results)} results for a batch of {len(batch)}")
         except Exception as exc:
-            log.error("event=batch_failed model=%s batch_size=%d reason=%r", self.name, len(batch), str(exc), exc_info=exc)
+            log.error(
+                "event=batch_failed model=%s batch_size=%d reason=%r", self.name, len(batch), str(exc), exc_info=exc
+            )
             failure = InferenceFailed(f"inference failed for this batch: {exc}")
             for p in batch:
                 _set_exception(p.future, failure)

@@ -18,7 +18,7 @@ class Labels:
         return {wnid: i for i, wnid in enumerate(self.wnids)}
 
     @classmethod
-    def load(cls, path: str | Path) -> "Labels":
+    def load(cls, path: str | Path) -> Labels:
         wnids: list[str] = []
         names: list[str] = []
         for n, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):

@@ -14,9 +14,9 @@ import numpy as np
 MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
 STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
 
-_LUT = np.stack(
-    [(np.arange(256, dtype=np.float32) / np.float32(255) - MEAN[c]) / STD[c] for c in range(3)]
-).astype(np.float32)
+_LUT = np.stack([(np.arange(256, dtype=np.float32) / np.float32(255) - MEAN[c]) / STD[c] for c in range(3)]).astype(
+    np.float32
+)
 
 
 def assemble(items: Sequence[np.ndarray]) -> np.ndarray:

@@ -18,10 +18,9 @@ from dataclasses import dataclass
 
 import numpy as np
 import simplejpeg
-from PIL import Image, UnidentifiedImageError
-
 from mobiserve.server.errors import InvalidInput
 from mobiserve.server.processing.resize import center_crop_resize
+from PIL import Image, UnidentifiedImageError
 
 INPUT_SIZE = 224
 RESIZE_SHORTER = 256
@@ -64,9 +63,7 @@ def _check_size(width: int, height: int, limits: ImageLimits) -> None:
             f"limit of {limits.max_pixels / 1e6:.1f} (refused before decoding)"
         )
     if min(width, height) < limits.min_side:
-        raise InvalidImage(
-            f"image is {width}x{height}; both sides must be at least {limits.min_side} pixels"
-        )
+        raise InvalidImage(f"image is {width}x{height}; both sides must be at least {limits.min_side} pixels")
 
 
 def _decode_jpeg(data: bytes, limits: ImageLimits) -> np.ndarray | None:
@@ -90,12 +87,11 @@ def _decode_pillow(data: bytes, limits: ImageLimits) -> np.ndarray:
     try:
         image = Image.open(io.BytesIO(data))
     except Image.DecompressionBombError as exc:  # Pillow's own, looser limit, hit in the header
-        raise InvalidImage(f"image is over the limit of {limits.max_pixels / 1e6:.1f} megapixels "
-                           f"(refused before decoding): {exc}") from None
-    except UnidentifiedImageError:
         raise InvalidImage(
-            "not a decodable image (supported: JPEG, PNG, WebP, BMP, GIF, TIFF)"
+            f"image is over the limit of {limits.max_pixels / 1e6:.1f} megapixels (refused before decoding): {exc}"
         ) from None
+    except UnidentifiedImageError:
+        raise InvalidImage("not a decodable image (supported: JPEG, PNG, WebP, BMP, GIF, TIFF)") from None
     except Exception as exc:  # Pillow raises many types for malformed headers
         raise InvalidImage(f"unreadable image header: {exc}") from None
     if image.format not in _PILLOW_FORMATS:

@@ -168,9 +168,7 @@ def _pillow(pixels: np.ndarray, resized: tuple[int, int], crop: tuple[int, int, 
     return np.asarray(image.crop(crop))
 
 
-def resize_crop(
-    pixels: np.ndarray, resized: tuple[int, int], crop: tuple[int, int, int, int]
-) -> np.ndarray:
+def resize_crop(pixels: np.ndarray, resized: tuple[int, int], crop: tuple[int, int, int, int]) -> np.ndarray:
     """``np.asarray(Image.fromarray(pixels).resize(resized, BILINEAR).crop(crop))``, bit for bit,
     computing only the cropped pixels.
 

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
-
 from mobiserve.server.errors import ModelLoadError
 from mobiserve.server.processing.labels import Labels
 from mobiserve.server.processing.normalize import assemble
@@ -61,7 +60,9 @@ class Model:
         self._free: queue.SimpleQueue[ort.InferenceSession] = queue.SimpleQueue()
         for session in sessions:
             self._free.put(session)
-        self._spinning = None if tuning.allow_spinning else open_session(self.path, replace(tuning, allow_spinning=True))
+        self._spinning = (
+            None if tuning.allow_spinning else open_session(self.path, replace(tuning, allow_spinning=True))
+        )
         self._spinning_busy = threading.Lock()
 
     def infer(self, items: Sequence[np.ndarray]) -> BatchScores:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from mobiserve.server.errors import InvalidInput
-from mobiserve.server.processing.preprocess import PREPROCESSING, INPUT_SIZE
+from mobiserve.server.processing.preprocess import INPUT_SIZE, PREPROCESSING
 from mobiserve.server.serving import Classified, ImageInput, RawTensor, Servable
 from mobiserve.v1 import classifier_pb2 as pb
 
@@ -28,10 +28,14 @@ def response_of(request: pb.ClassifyRequest, result: Classified) -> pb.ClassifyR
         request_id=request.request_id,
         model=result.model,
         results=[
-            pb.Classification(classes=[pb.Class(index=c.index, wnid=c.wnid, name=c.name, score=c.score) for c in classes])
+            pb.Classification(
+                classes=[pb.Class(index=c.index, wnid=c.wnid, name=c.name, score=c.score) for c in classes]
+            )
             for classes in result.results
         ],
-        timing=pb.Timing(queue_us=t.queue_us, preprocess_us=t.preprocess_us, inference_us=t.inference_us, batch_size=t.batch_size),
+        timing=pb.Timing(
+            queue_us=t.queue_us, preprocess_us=t.preprocess_us, inference_us=t.inference_us, batch_size=t.batch_size
+        ),
     )
 
 

@@ -16,9 +16,7 @@ from dataclasses import dataclass
 
 import grpc
 
-CLIENT_MISTAKES = frozenset(
-    {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND, grpc.StatusCode.CANCELLED}
-)
+CLIENT_MISTAKES = frozenset({grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND, grpc.StatusCode.CANCELLED})
 SERVER_FAULTS = frozenset({grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN, grpc.StatusCode.DATA_LOSS})
 
 
@@ -36,7 +34,13 @@ class ErrorLog:
         self._windows: dict[tuple[str, grpc.StatusCode], _Window] = {}  # model labels are bounded
 
     def failed(
-        self, code: grpc.StatusCode, message: str, *, model: str, method: str, request_id: str,
+        self,
+        code: grpc.StatusCode,
+        message: str,
+        *,
+        model: str,
+        method: str,
+        request_id: str,
         exc: BaseException | None = None,
     ) -> None:
         """Log one failed request (exc: a traceback to attach, for unexpected errors)."""
@@ -55,6 +59,12 @@ class ErrorLog:
                 message = f"{message} (and {suppressed} more like it since the last line)"
         if self._log.isEnabledFor(level):
             self._log.log(
-                level, "event=request_failed model=%s method=%s code=%s request_id=%r message=%r",
-                model, method, code.name, request_id, message, exc_info=exc,
+                level,
+                "event=request_failed model=%s method=%s code=%s request_id=%r message=%r",
+                model,
+                method,
+                code.name,
+                request_id,
+                message,
+                exc_info=exc,
             )

@@ -16,7 +16,6 @@ import time
 from collections.abc import AsyncIterator, Iterable
 
 import grpc
-
 from mobiserve.server.errors import DeadlineExceeded, Unavailable
 from mobiserve.server.metrics import Metrics
 from mobiserve.server.serving import Classified, ModelRegistry
@@ -66,7 +65,12 @@ class ClassifierServicer(pb_grpc.ClassifierServicer):
         with self.gate.call():
             try:
                 return await self._classify(
-                    request, "Classify", deadline, context, refuse=self.gate.refusing, enforce_deadline=remaining is None
+                    request,
+                    "Classify",
+                    deadline,
+                    context,
+                    refuse=self.gate.refusing,
+                    enforce_deadline=remaining is None,
                 )
             except Failed as failed:
                 if failed.code == grpc.StatusCode.DEADLINE_EXCEEDED and _expired(context):
@@ -147,7 +151,9 @@ class ClassifierServicer(pb_grpc.ClassifierServicer):
             for task in list(handlers):
                 task.cancel()
 
-    async def ListModels(self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext) -> pb.ListModelsResponse:
+    async def ListModels(
+        self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ListModelsResponse:
         registry = self.registry
         if registry is None:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "models are still loading")
@@ -155,8 +161,14 @@ class ClassifierServicer(pb_grpc.ClassifierServicer):
         return pb.ListModelsResponse(models=[model_info(m, m.name == registry.default) for m in registry])
 
     async def _classify(
-        self, request: pb.ClassifyRequest, method: str, deadline: float, context: grpc.aio.ServicerContext,
-        *, refuse: bool, enforce_deadline: bool,
+        self,
+        request: pb.ClassifyRequest,
+        method: str,
+        deadline: float,
+        context: grpc.aio.ServicerContext,
+        *,
+        refuse: bool,
+        enforce_deadline: bool,
     ) -> pb.ClassifyResponse:
         """Answer one request, or raise Failed. Counts it exactly once, whatever happens.
 
@@ -174,8 +186,10 @@ class ClassifierServicer(pb_grpc.ClassifierServicer):
             work = model.classify(images_of(request), request.top_k, deadline)
             try:
                 result = await (asyncio.wait_for(work, deadline - time.monotonic()) if enforce_deadline else work)
-            except asyncio.TimeoutError:
-                raise DeadlineExceeded("the deadline passed before the request could be answered; it was dropped") from None
+            except TimeoutError:
+                raise DeadlineExceeded(
+                    "the deadline passed before the request could be answered; it was dropped"
+                ) from None
             self._observe(result)
             return response_of(request, result)
         except asyncio.CancelledError:
@@ -187,7 +201,11 @@ class ClassifierServicer(pb_grpc.ClassifierServicer):
         except Exception as exc:
             code, message = status_of(exc)
             self._errors.failed(
-                code, message, model=label, method=method, request_id=request.request_id,
+                code,
+                message,
+                model=label,
+                method=method,
+                request_id=request.request_id,
                 exc=exc if is_unexpected(exc) else None,
             )
             raise Failed(code, message) from None

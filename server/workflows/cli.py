@@ -31,24 +31,44 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     """Add this module's subcommands to the `mobiserve` parser."""
     p = sub.add_parser("evaluate", help="top-1/top-5 and speed of a model on labelled images, in-process")
     p.add_argument("model", metavar="MODEL", help="ONNX model file")
-    p.add_argument("--images", required=True, metavar="DIR",
-                   help="labelled images: <wnid>_*.JPEG files or ImageNet-style <wnid>/ folders")
+    p.add_argument(
+        "--images",
+        required=True,
+        metavar="DIR",
+        help="labelled images: <wnid>_*.JPEG files or ImageNet-style <wnid>/ folders",
+    )
     _common(p)
-    p.add_argument("--batch-size", type=int, nargs="+", default=[1, 8, 16, 32], metavar="N",
-                   help="batch sizes to time side by side (accuracy runs at the largest)")
-    p.add_argument("--rounds", type=int, default=20,
-                   help="timing rounds, each running every batch size once (0: accuracy only)")
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        nargs="+",
+        default=[1, 8, 16, 32],
+        metavar="N",
+        help="batch sizes to time side by side (accuracy runs at the largest)",
+    )
+    p.add_argument(
+        "--rounds", type=int, default=20, help="timing rounds, each running every batch size once (0: accuracy only)"
+    )
     p.set_defaults(func=_evaluate)
 
     q = sub.add_parser("quantize", help="int8 static quantization of an fp32 model, then the card's comparison")
     q.add_argument("model", metavar="FP32_MODEL", help="fp32 ONNX model file")
     q.add_argument("--calibration", required=True, metavar="DIR", help="folder of calibration images")
     q.add_argument("--output", required=True, metavar="INT8_MODEL", help="where to write the int8 model")
-    q.add_argument("--per-channel", action=argparse.BooleanOptionalAction, default=True,
-                   help="one weight scale per output channel (needs opset 13; older models are upgraded)")
+    q.add_argument(
+        "--per-channel",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="one weight scale per output channel (needs opset 13; older models are upgraded)",
+    )
     q.add_argument("--method", choices=METHODS, default="minmax", help="calibration method")
-    q.add_argument("--calibration-count", type=int, default=100, metavar="N",
-                   help="images to calibrate on, spread over the folder; the rest are held out for the comparison")
+    q.add_argument(
+        "--calibration-count",
+        type=int,
+        default=100,
+        metavar="N",
+        help="images to calibrate on, spread over the folder; the rest are held out for the comparison",
+    )
     q.add_argument("--eval", metavar="DIR", help="labelled images to compare on, instead of the held-out ones")
     _common(q)
     q.add_argument("--batch-size", type=int, default=32, metavar="N", help="batch size of the accuracy runs")
@@ -57,8 +77,11 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
 
 
 def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--synsets", default=str(IMAGENET_SYNSETS),
-                   help="labels file, '<wnid> <name>' per line in output order (default: ImageNet-1k)")
+    p.add_argument(
+        "--synsets",
+        default=str(IMAGENET_SYNSETS),
+        help="labels file, '<wnid> <name>' per line in output order (default: ImageNet-1k)",
+    )
     p.add_argument("--threads", type=int, default=0, help="onnxruntime intra-op threads (0: all cores)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
 
@@ -81,6 +104,7 @@ def _report_skipped(skipped: Sequence[Skipped]) -> None:
 
 
 # ------------------------------------------------------------------------------------- evaluate
+
 
 def _evaluate(args: argparse.Namespace) -> int:
     from mobiserve.server.errors import ModelLoadError
@@ -105,35 +129,46 @@ def _evaluate(args: argparse.Namespace) -> int:
         return fail(f"none of the {len(images)} labelled images in {args.images} could be read")
     speed = ev.speed(model, scored.samples, sizes, args.rounds) if args.rounds > 0 else None
     result: dict[str, object] = {
-        "top1": accuracy.top1, "top5": accuracy.top5, "count": accuracy.count, "skipped": len(scored.skipped),
-        "model": args.model, "images": args.images, "intra_op_threads": model.tuning.intra_op_threads,
+        "top1": accuracy.top1,
+        "top5": accuracy.top5,
+        "count": accuracy.count,
+        "skipped": len(scored.skipped),
+        "model": args.model,
+        "images": args.images,
+        "intra_op_threads": model.tuning.intra_op_threads,
     }
     if speed:
-        result.update({
-            "latency_ms_batch1": speed.latency_ms,
-            "throughput_images_per_s": speed.throughput[speed.best_batch_size],
-            "best_batch_size": speed.best_batch_size,
-            "throughput_by_batch_size": {str(k): v for k, v in speed.throughput.items()},
-            "timing_rounds": speed.rounds,
-        })
+        result.update(
+            {
+                "latency_ms_batch1": speed.latency_ms,
+                "throughput_images_per_s": speed.throughput[speed.best_batch_size],
+                "best_batch_size": speed.best_batch_size,
+                "throughput_by_batch_size": {str(k): v for k, v in speed.throughput.items()},
+                "timing_rounds": speed.rounds,
+            }
+        )
     if args.json:
         print(json.dumps(result))
         return 0
-    print(f"{Path(args.model).name} on {accuracy.count} images from {args.images}: "
-          f"top-1 {accuracy.top1:.2%}  top-5 {accuracy.top5:.2%}")
+    print(
+        f"{Path(args.model).name} on {accuracy.count} images from {args.images}: "
+        f"top-1 {accuracy.top1:.2%}  top-5 {accuracy.top5:.2%}"
+    )
     if speed:
         per_size = ", ".join(f"batch {k}: {v:.0f}" for k, v in speed.throughput.items())
-        print(f"latency at batch 1: {speed.latency_ms:.2f} ms (median of {speed.rounds}); "
-              f"throughput {speed.throughput[speed.best_batch_size]:.0f} images/s at batch {speed.best_batch_size} "
-              f"({per_size}); {model.tuning.intra_op_threads} intra-op threads")
+        print(
+            f"latency at batch 1: {speed.latency_ms:.2f} ms (median of {speed.rounds}); "
+            f"throughput {speed.throughput[speed.best_batch_size]:.0f} images/s at batch {speed.best_batch_size} "
+            f"({per_size}); {model.tuning.intra_op_threads} intra-op threads"
+        )
     return 0
 
 
 # ------------------------------------------------------------------------------------- quantize
 
+
 def _quantize(args: argparse.Namespace) -> int:
     import numpy as np
-
     from mobiserve.server.errors import ModelLoadError
     from mobiserve.server.processing.labels import Labels
     from mobiserve.server.processing.preprocess import ImageLimits
@@ -141,7 +176,11 @@ def _quantize(args: argparse.Namespace) -> int:
     from mobiserve.server.workflows import evaluate as ev
     from mobiserve.server.workflows.dataset import DatasetError, labelled, labelled_images, scan, spread
     from mobiserve.server.workflows.quantize import (
-        QuantizeError, QuantizeOptions, check_float_model, first_line, quantize,
+        QuantizeError,
+        QuantizeOptions,
+        check_float_model,
+        first_line,
+        quantize,
     )
 
     if args.calibration_count < 1:
@@ -201,10 +240,14 @@ def _comparison(
     from mobiserve.server.runtime.session import default_intra_op_threads
 
     result: dict[str, object] = {
-        "output": args.output, "method": args.method, "per_channel": args.per_channel,
-        "calibration_images": calibrated, "eval_images": accuracy[0].count if accuracy else 0,
+        "output": args.output,
+        "method": args.method,
+        "per_channel": args.per_channel,
+        "calibration_images": calibrated,
+        "eval_images": accuracy[0].count if accuracy else 0,
         "eval_source": args.eval or "held-out",
-        "intra_op_threads": args.threads or default_intra_op_threads(1), "timing_rounds": max(args.rounds, 1),
+        "intra_op_threads": args.threads or default_intra_op_threads(1),
+        "timing_rounds": max(args.rounds, 1),
         "speedup_batch1": medians["fp32"] / medians["int8"],
     }
     for i, (name, path) in enumerate((("fp32", args.model), ("int8", args.output))):
@@ -234,12 +277,23 @@ def _table(r: dict[str, object]) -> str:
         top = f"{entry['top1']:.2%} | {entry['top5']:.2%}" if "top1" in entry else "- | -"
         lines.append(f"| {name} {Path(str(entry['model'])).name} | {top} | {entry['latency_ms_batch1']:.2f} ms |")
     lines.append("")
-    where = f"on {r['eval_images']} images ({r['eval_source']})" if r["eval_images"] else "(no labelled images to compare on)"
-    decline = (f"top-1 decline ratio {r['top1_decline_ratio']:.2%}, top-5 decline ratio {r['top5_decline_ratio']:.2%}, "
-               if "top1_decline_ratio" in r else "")
-    lines.append(f"int8 vs fp32 {where}: {decline}int8 {r['speedup_batch1']:.2f}x faster at batch 1 "
-                 f"(medians of {r['timing_rounds']} interleaved runs, {r['intra_op_threads']} intra-op threads)")
+    where = (
+        f"on {r['eval_images']} images ({r['eval_source']})"
+        if r["eval_images"]
+        else "(no labelled images to compare on)"
+    )
+    decline = (
+        f"top-1 decline ratio {r['top1_decline_ratio']:.2%}, top-5 decline ratio {r['top5_decline_ratio']:.2%}, "
+        if "top1_decline_ratio" in r
+        else ""
+    )
+    lines.append(
+        f"int8 vs fp32 {where}: {decline}int8 {r['speedup_batch1']:.2f}x faster at batch 1 "
+        f"(medians of {r['timing_rounds']} interleaved runs, {r['intra_op_threads']} intra-op threads)"
+    )
     (c1, c5), (q1, q5) = CARD_FP32, CARD_INT8
-    lines.append(f"the card (ImageNet validation, 50,000 images, Xeon 8280): {c1:.2%}/{c5:.2%} -> {q1:.2%}/{q5:.2%}, "
-                 f"decline ratio {(c1 - q1) / c1:.2%}/{(c5 - q5) / c5:.2%}, int8 {CARD_SPEEDUP:.2f}x faster")
+    lines.append(
+        f"the card (ImageNet validation, 50,000 images, Xeon 8280): {c1:.2%}/{c5:.2%} -> {q1:.2%}/{q5:.2%}, "
+        f"decline ratio {(c1 - q1) / c1:.2%}/{(c5 - q5) / c5:.2%}, int8 {CARD_SPEEDUP:.2f}x faster"
+    )
     return "\n".join(lines)

@@ -45,7 +45,9 @@ def scan(folder: str | Path, labels: Labels) -> ImageFolder:
 
 def labelled(images: ImageFolder, paths: list[Path] | None = None) -> list[LabelledImage]:
     """The labelled ones among `paths` (default: all files), in order."""
-    return [LabelledImage(p, images.labelled[p]) for p in (images.files if paths is None else paths) if p in images.labelled]
+    return [
+        LabelledImage(p, images.labelled[p]) for p in (images.files if paths is None else paths) if p in images.labelled
+    ]
 
 
 def labelled_images(folder: str | Path, labels: Labels) -> list[LabelledImage]:

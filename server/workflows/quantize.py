@@ -24,12 +24,11 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+from mobiserve.server.processing.normalize import assemble
 from onnx import version_converter
 from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static
 from onnxruntime.quantization.shape_inference import quant_pre_process
 from tqdm import tqdm
-
-from mobiserve.server.processing.normalize import assemble
 
 METHODS = {
     "minmax": CalibrationMethod.MinMax,
@@ -102,7 +101,9 @@ def quantize(
         # onnxruntime prints calibration chatter; stdout is for results
         with progress, contextlib.redirect_stdout(sys.stderr):
             quantize_static(
-                str(prepared), str(output), _Calibration(input_name, crops, progress),
+                str(prepared),
+                str(output),
+                _Calibration(input_name, crops, progress),
                 quant_format=QuantFormat.QDQ,
                 per_channel=options.per_channel,
                 activation_type=QuantType.QUInt8,
