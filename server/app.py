@@ -9,6 +9,7 @@ flight within the grace period, then close the batchers and exit 0.
 from __future__ import annotations
 
 import asyncio
+import functools
 import ipaddress
 import logging
 import signal
@@ -20,9 +21,10 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+
+from mobiserve.common.labels import Labels
 from mobiserve.server.config import ModelConfig, ServerConfig
 from mobiserve.server.metrics import Metrics
-from mobiserve.server.processing.labels import Labels
 from mobiserve.server.processing.preprocess import ImageLimits
 from mobiserve.server.runtime.model import Model
 from mobiserve.server.runtime.session import SessionTuning
@@ -70,7 +72,7 @@ class App:
                     self.preprocess_pool,
                     limits,
                     self.config.max_images_per_request,
-                    on_batch=lambda size, seconds, name=config.name: self.metrics.observe_batch(name, size, seconds),
+                    on_batch=functools.partial(self.metrics.observe_batch, config.name),
                 )
             )
             log.info(
@@ -82,11 +84,11 @@ class App:
                 config.max_batch_size,
             )
         registry = ModelRegistry(served, self.config.default)
-        for model in served:
-            model.start()
-            self.metrics.model_ready.labels(model.name).set(1)
-            log.info("event=model_ready model=%s", model.name)
-            self.metrics.queue_depth.labels(model.name).set_function(lambda b=model.batcher: b.admitted)
+        for ready in served:
+            ready.start()
+            self.metrics.model_ready.labels(ready.name).set(1)
+            log.info("event=model_ready model=%s", ready.name)
+            self.metrics.queue_depth.labels(ready.name).set_function(ready.queued)
         self.servicer.registry = registry
         await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
         await self.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)

@@ -15,9 +15,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
+
 from mobiserve.server.processing import resize
 from mobiserve.server.processing.resize import center_crop_resize, resize_crop
-from PIL import Image
 
 SHARED = Path(os.environ.get("MOBISERVE_SHARED", Path(__file__).resolve().parents[1].parent / "shared"))
 SAMPLE = SHARED / "data" / "imagenet-sample"
@@ -67,6 +68,7 @@ def check_sample(path: Path) -> tuple[str | None, bool]:
     return failure, vertical_first(pixels, resized)
 
 
+@pytest.mark.slow
 def test_every_sample_image_is_bit_exact() -> None:
     if not SAMPLE.is_dir():
         pytest.fail(f"test data missing: {SAMPLE} (tests read ../shared beside the project)")

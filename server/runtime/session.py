@@ -1,6 +1,6 @@
 """onnxruntime session tuning for Xeon-class CPUs.
 
-How to choose (docs/tuning.md has the measurements):
+How to choose (docs/performance.md has the measurements):
 - `instances` sessions run batches concurrently; each has its own intra-op pool of
   `intra_op_threads` threads. instances x threads should equal the cores you give the model.
   MobileNetV2 stops scaling at about 4 threads per batch, so the default is one instance per

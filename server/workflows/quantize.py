@@ -24,11 +24,12 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-from mobiserve.server.processing.normalize import assemble
 from onnx import version_converter
 from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static
 from onnxruntime.quantization.shape_inference import quant_pre_process
 from tqdm import tqdm
+
+from mobiserve.server.processing.normalize import assemble
 
 METHODS = {
     "minmax": CalibrationMethod.MinMax,
@@ -97,7 +98,7 @@ def quantize(
         raise QuantizeError("no calibration images could be read")
     with tempfile.TemporaryDirectory(prefix="mobiserve-quantize-") as tmp:
         prepared, score_ops = _prepare(fp32_path, Path(tmp), options.per_channel)
-        progress = tqdm(total=len(crops), desc="calibrating", unit="img", leave=False)
+        progress = tqdm(total=len(crops), desc="calibrating", unit="img", leave=False, disable=None)
         # onnxruntime prints calibration chatter; stdout is for results
         with progress, contextlib.redirect_stdout(sys.stderr):
             quantize_static(
