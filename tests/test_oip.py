@@ -418,3 +418,29 @@ def test_every_sample_image_agrees_with_classify(
         images = [p.read_bytes() for p in sample_images[start : start + 8]]
         result = client.infer(MODEL, [encoded_input(*images)], outputs=[triton.InferRequestedOutput("output", 5)])
         assert [[i for _, i, _ in c] for c in parse_classes(result)] == classify_top5(classifier, *images)
+
+
+@pytest.mark.slow
+async def test_one_batch_carries_both_protocols(int8_model: Path, sample_images: list[Path]) -> None:
+    """A Classify and a ModelInfer arriving together ride in one batch: the batchers are shared."""
+    proc = await asyncio.to_thread(
+        serve, "--model", f"{MODEL}={int8_model}", "--max-batch-size", "4", "--max-queue-delay-ms", "2000"
+    )
+    images = [p.read_bytes() for p in sample_images[:4]]
+    try:
+        async with (
+            triton_aio.InferenceServerClient(url=proc.target) as c,
+            grpc.aio.insecure_channel(proc.target) as ch,
+        ):
+            request = pb.ClassifyRequest(model=MODEL, images=[pb.Image(encoded=b) for b in images[:2]], top_k=5)
+            classified, inferred = await asyncio.gather(
+                pb_grpc.ClassifierStub(ch).Classify(request, timeout=30),
+                c.infer(MODEL, [encoded_input(*images[2:])], outputs=[triton.InferRequestedOutput("output", 5)]),
+            )
+            assert classified.timing.batch_size == 4
+            assert len(parse_classes(inferred)) == 2
+            (stats,) = (await c.get_inference_statistics(MODEL)).model_stats
+        assert [(b.batch_size, b.compute_infer.count) for b in stats.batch_stats] == [(4, 1)]
+        assert stats.inference_count == 4 and stats.execution_count == 1
+    finally:
+        await asyncio.to_thread(proc.stop)
