@@ -53,3 +53,12 @@ check-protos: protos ## fail if the committed stubs differ from the .proto
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info .pytest_cache .mypy_cache
+
+# `make image`: the container image (deploy/Dockerfile, docs/deploy.md), where a Docker engine
+# with BuildKit runs. The models are baked from $(SHARED)/models when that folder exists (sha256
+# still checked), else pulled from the zoo during the build.
+IMAGE ?= mobiserve:$(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
+
+.PHONY: image
+image: ## build the container image $(IMAGE)
+	docker build -f deploy/Dockerfile -t $(IMAGE)$(if $(MODEL_MIRROR), --build-context model-mirror=$(MODEL_MIRROR)) .

@@ -20,7 +20,6 @@ from mobiserve.client._images import ImageLike, image_of, is_cheap
 from mobiserve.client._options import ChannelOptions
 from mobiserve.client._results import Classification, ModelInfo, classification_of, model_info_of
 from mobiserve.v1 import classifier_pb2 as pb
-from mobiserve.v1 import classifier_pb2_grpc as pb_grpc
 
 
 class AsyncClient(ClientBase):
@@ -29,13 +28,10 @@ class AsyncClient(ClientBase):
     Create it inside a running event loop. The settings are `ClientBase`'s.
     """
 
-    def _open(self, options: ChannelOptions, credentials: grpc.ChannelCredentials | None) -> None:
+    def _channel(self, options: ChannelOptions, credentials: grpc.ChannelCredentials | None) -> grpc.aio.Channel:
         if credentials is None:
-            self._channel = grpc.aio.insecure_channel(self.target, options=options)
-        else:
-            self._channel = grpc.aio.secure_channel(self.target, credentials, options=options)
-        self._stub = pb_grpc.ClassifierStub(self._channel)
-        self._check = self._channel.unary_unary(_health.CHECK)
+            return grpc.aio.insecure_channel(self.target, options=options)
+        return grpc.aio.secure_channel(self.target, credentials, options=options)
 
     async def classify(
         self, image: ImageLike, *, top_k: int = DEFAULT_TOP_K, model: str | None = None, timeout: float | None = None
@@ -112,7 +108,8 @@ class AsyncClient(ClientBase):
             return _health.UNKNOWN_SERVICE
 
     async def close(self) -> None:
-        await self._channel.close()
+        for channel in self._channels:
+            await channel.close()
 
     async def __aenter__(self) -> AsyncClient:
         return self

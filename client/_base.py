@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import grpc
 
+from mobiserve.client import _health
 from mobiserve.client._errors import InvalidImage, error_of_number
 from mobiserve.client._options import DEFAULT_MAX_MESSAGE_BYTES, ChannelOptions, KeepAlive, RetryPolicy, channel_options
 from mobiserve.client._results import Classification, classification_of
 from mobiserve.v1 import classifier_pb2 as pb
+from mobiserve.v1 import classifier_pb2_grpc as pb_grpc
 
 DEFAULT_TARGET = "127.0.0.1:50051"
 TARGET_ENV = "MOBISERVE_TARGET"
@@ -26,7 +30,7 @@ def default_target() -> str:
 
 
 class ClientBase:
-    """Settings common to `Client` and `AsyncClient`; each opens its one channel in `_open`.
+    """Settings common to `Client` and `AsyncClient`; each opens its channels in `_channel`.
 
     `target`: "host:port" (default $MOBISERVE_TARGET, else 127.0.0.1:50051), or several servers
     balanced by gRPC's round_robin: "ipv4:10.0.0.1:50051,10.0.0.2:50051", "dns:///host:port".
@@ -37,6 +41,9 @@ class ClientBase:
     default, off). `max_message_bytes`: both directions (the server's default is 64 MiB).
     `load_balancing`: "round_robin" or "pick_first". `credentials`: TLS (None: plaintext).
     `options`: extra gRPC channel arguments; they win over the ones above.
+    `connections`: TCP connections to open to each address, calls spread over them in turn. A
+    server with several worker processes (`mobiserve serve --workers N`) shares its port among
+    them by connection, so one client needs at least N connections to reach every worker.
     """
 
     def __init__(
@@ -51,15 +58,28 @@ class ClientBase:
         load_balancing: str = "round_robin",
         credentials: grpc.ChannelCredentials | None = None,
         options: ChannelOptions = (),
+        connections: int = 1,
     ):
+        if connections < 1:
+            raise ValueError(f"connections must be at least 1, got {connections}")
         self.target = target or default_target()
         self.timeout = timeout
         self.wait_for_ready = wait_for_ready
         self._max_message_bytes = max_message_bytes
-        self._open(channel_options(retry, keepalive, max_message_bytes, load_balancing, options), credentials)
+        settings = channel_options(retry, keepalive, max_message_bytes, load_balancing, options)
+        if connections > 1:  # channels share their connections unless each keeps its own pool
+            settings.append(("grpc.use_local_subchannel_pool", 1))
+        self._channels = [self._channel(settings, credentials) for _ in range(connections)]
+        self._stubs = itertools.cycle([pb_grpc.ClassifierStub(c) for c in self._channels])
+        self._check = self._channels[0].unary_unary(_health.CHECK)
 
-    def _open(self, options: ChannelOptions, credentials: grpc.ChannelCredentials | None) -> None:
+    def _channel(self, options: ChannelOptions, credentials: grpc.ChannelCredentials | None) -> Any:
         raise NotImplementedError
+
+    @property
+    def _stub(self) -> pb_grpc.ClassifierStub:
+        """The next connection's stub, in turn (next() on a cycle is atomic: threads may share it)."""
+        return next(self._stubs)
 
     def _timeout(self, timeout: float | None) -> float | None:
         return self.timeout if timeout is None else timeout

@@ -16,7 +16,6 @@ from mobiserve.client._images import ImageLike, image_of
 from mobiserve.client._options import ChannelOptions
 from mobiserve.client._results import Classification, ModelInfo, classification_of, model_info_of
 from mobiserve.v1 import classifier_pb2 as pb
-from mobiserve.v1 import classifier_pb2_grpc as pb_grpc
 
 
 class Client(ClientBase):
@@ -25,13 +24,10 @@ class Client(ClientBase):
     The settings are `ClientBase`'s: `Client(target, timeout=30, retry=RetryPolicy(), ...)`.
     """
 
-    def _open(self, options: ChannelOptions, credentials: grpc.ChannelCredentials | None) -> None:
+    def _channel(self, options: ChannelOptions, credentials: grpc.ChannelCredentials | None) -> grpc.Channel:
         if credentials is None:
-            self._channel = grpc.insecure_channel(self.target, options=options)
-        else:
-            self._channel = grpc.secure_channel(self.target, credentials, options=options)
-        self._stub = pb_grpc.ClassifierStub(self._channel)
-        self._check = self._channel.unary_unary(_health.CHECK)
+            return grpc.insecure_channel(self.target, options=options)
+        return grpc.secure_channel(self.target, credentials, options=options)
 
     def classify(
         self, image: ImageLike, *, top_k: int = DEFAULT_TOP_K, model: str | None = None, timeout: float | None = None
@@ -108,7 +104,8 @@ class Client(ClientBase):
             return _health.UNKNOWN_SERVICE
 
     def close(self) -> None:
-        self._channel.close()
+        for channel in self._channels:
+            channel.close()
 
     def __enter__(self) -> Client:
         return self

@@ -229,3 +229,24 @@ def test_a_request_over_the_message_limit_is_refused_before_sending(jpeg: bytes)
     with Client("127.0.0.1:1", max_message_bytes=len(jpeg) // 2) as client:  # nothing listens there
         with pytest.raises(InvalidImage, match="max_message_bytes"):
             client.classify(jpeg)
+
+
+def established_to(port: int) -> int:
+    """TCP connections to `port` this machine holds open (client side), from /proc/net/tcp."""
+    count = 0
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with open(table) as f:
+            for line in list(f)[1:]:
+                remote, state = line.split()[2], line.split()[3]
+                count += state == "01" and int(remote.rsplit(":", 1)[1], 16) == port
+    return count
+
+
+async def test_connections_opens_that_many_connections_and_spreads_calls(server: App, jpeg: bytes) -> None:
+    before = established_to(server.port)
+    async with AsyncClient(target_of(server), connections=3) as client:
+        answers = [await client.classify(jpeg) for _ in range(6)]  # in turn: each connection gets two
+        assert established_to(server.port) - before == 3
+    assert len({a.top.index for a in answers}) == 1
+    with pytest.raises(ValueError, match="connections"):
+        Client(target_of(server), connections=0)

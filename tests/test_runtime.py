@@ -11,7 +11,7 @@ import pytest
 from mobiserve.common.labels import Labels
 from mobiserve.server.processing.preprocess import ImageLimits, preprocess_encoded
 from mobiserve.server.runtime.model import SMALL_BATCH, Model
-from mobiserve.server.runtime.session import SessionTuning
+from mobiserve.server.runtime.session import CORES_ENV, SessionTuning, _cpu_quota, available_cores
 
 from helpers import SYNSETS
 
@@ -41,3 +41,27 @@ def test_small_batches_score_the_same_on_either_session(model: Model, sample_ima
             regular = model.infer([crop])
         assert np.array_equal(quick.logits, regular.logits)
         assert np.array_equal(quick.order, regular.order)
+
+
+@pytest.mark.parametrize(
+    ("files", "cores"),
+    [
+        ({"cpu.max": "150000 100000\n"}, 1.5),  # cgroup v2, a pod limit of 1500m
+        ({"cpu.max": "max 100000\n"}, None),  # v2, no limit
+        ({"cpu/cpu.cfs_quota_us": "400000\n", "cpu/cpu.cfs_period_us": "100000\n"}, 4.0),  # v1
+        ({"cpu/cpu.cfs_quota_us": "-1\n", "cpu/cpu.cfs_period_us": "100000\n"}, None),  # v1, no limit
+        ({}, None),  # no cgroup files: not limited as far as we can tell
+    ],
+)
+def test_the_containers_cpu_quota_is_read_from_cgroup_v2_or_v1(
+    tmp_path: Path, files: dict[str, str], cores: float | None
+) -> None:
+    for name, text in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+    assert _cpu_quota(tmp_path) == cores
+
+
+def test_the_cores_a_worker_is_given_win(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(CORES_ENV, "3")
+    assert available_cores() == 3
