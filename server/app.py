@@ -19,22 +19,29 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
+from google.protobuf import descriptor_pool
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection, reflection_pb2
 
 from mobiserve.common.labels import Labels
+from mobiserve.inference import grpc_service_pb2 as oip_pb
+from mobiserve.inference import grpc_service_pb2_grpc as oip_pb_grpc
 from mobiserve.server.config import ModelConfig, ServerConfig
 from mobiserve.server.metrics import Metrics
 from mobiserve.server.processing.preprocess import ImageLimits
 from mobiserve.server.runtime.model import Model
 from mobiserve.server.runtime.session import SessionTuning
 from mobiserve.server.serving import ModelRegistry, ServedModel
+from mobiserve.server.transport.calls import Calls
+from mobiserve.server.transport.oip.servicer import SERVICE_NAME as OIP_SERVICE_NAME
+from mobiserve.server.transport.oip.servicer import InferenceServicer
 from mobiserve.server.transport.servicer import ClassifierServicer
 from mobiserve.v1 import classifier_pb2 as pb
 from mobiserve.v1 import classifier_pb2_grpc as pb_grpc
 
 log = logging.getLogger("mobiserve.server")
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Classifier"].full_name  # "mobiserve.v1.Classifier"
+SERVICES = (SERVICE_NAME, OIP_SERVICE_NAME)  # what health reports on, besides the server ("")
 
 
 def load_model(config: ModelConfig) -> Model:
@@ -52,7 +59,9 @@ class App:
     server: grpc.aio.Server
     port: int
     health: health.aio.HealthServicer
+    calls: Calls  # what both services share: registry, drain gate, metrics, error log
     servicer: ClassifierServicer
+    inference: InferenceServicer
     metrics: Metrics
     preprocess_pool: ThreadPoolExecutor
     served: list[ServedModel] = field(default_factory=list)
@@ -89,9 +98,9 @@ class App:
             self.metrics.model_ready.labels(ready.name).set(1)
             log.info("event=model_ready model=%s", ready.name)
             self.metrics.queue_depth.labels(ready.name).set_function(ready.queued)
-        self.servicer.registry = registry
-        await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
-        await self.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
+        self.calls.registry = registry
+        for name in ("", *SERVICES):
+            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         log.info("event=serving port=%d models=%s default=%s", self.port, ",".join(registry.models), registry.default)
         return registry
 
@@ -109,9 +118,9 @@ class App:
         await self.health.enter_graceful_shutdown()
         for model in self.served:
             self.metrics.model_ready.labels(model.name).set(0)
-        self.servicer.drain()
+        self.calls.drain()
         try:
-            await asyncio.wait_for(self.servicer.gate.wait_quiet(), grace)
+            await asyncio.wait_for(self.calls.gate.wait_quiet(), grace)
         except TimeoutError:
             log.warning(
                 "event=grace_expired message=%r", "requests still in flight after the grace period are cancelled"
@@ -136,14 +145,18 @@ async def create_app(config: ServerConfig) -> App:
     metrics = Metrics()
     for model in config.models:
         metrics.model_ready.labels(model.name).set(0)  # the series exists (at 0) while loading
-    servicer = ClassifierServicer(metrics, config.default_timeout_s, (m.name for m in config.models))
+    calls = Calls(metrics, config.default_timeout_s, (m.name for m in config.models))
+    servicer = ClassifierServicer(calls)
     pb_grpc.add_ClassifierServicer_to_server(servicer, server)
+    inference = InferenceServicer(calls)
+    oip_pb_grpc.add_GRPCInferenceServiceServicer_to_server(inference, server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    health_name = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
     reflection.enable_server_reflection(
-        (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server
+        (*SERVICES, health_name, reflection.SERVICE_NAME), server, pool=_reflection_pool()
     )
-    for name in ("", SERVICE_NAME):
+    for name in ("", *SERVICES):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
     address = f"{config.host}:{config.port}"
     credentials = _credentials(config) if config.tls_cert else None
@@ -173,7 +186,16 @@ async def create_app(config: ServerConfig) -> App:
             "plain-text gRPC on a non-loopback address: anyone who can reach it can use and read it; "
             "give --tls-cert/--tls-key",
         )
-    return App(config, server, port, health_servicer, servicer, metrics, pool)
+    return App(config, server, port, health_servicer, calls, servicer, inference, metrics, pool)
+
+
+def _reflection_pool() -> descriptor_pool.DescriptorPool:
+    """Every served service's .proto in one pool for reflection: the Open Inference Protocol's
+    stubs live in a pool of their own (scripts/gen-protos.sh says why), the others in the default."""
+    pool = descriptor_pool.DescriptorPool()
+    for file in (pb.DESCRIPTOR, oip_pb.DESCRIPTOR, health_pb2.DESCRIPTOR, reflection_pb2.DESCRIPTOR):
+        pool.AddSerializedFile(file.serialized_pb)
+    return pool
 
 
 def _credentials(config: ServerConfig) -> grpc.ServerCredentials:

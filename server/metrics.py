@@ -7,12 +7,55 @@ Names follow Prometheus conventions: a `mobiserve_` prefix, `_total` counters, b
 from __future__ import annotations
 
 import threading
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
 from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+
+@dataclass(frozen=True)
+class BatchTotals:
+    size: int
+    count: int
+    seconds: float
+
+
+@dataclass(frozen=True)
+class ModelStatistics:
+    """A model's cumulative figures since start, as the Open Inference Protocol's statistics
+    report them. What the Prometheus series hold is read from them, so the two always agree."""
+
+    inferences: int  # images classified (mobiserve_images_total)
+    executions: int  # batches run (mobiserve_inference_duration_seconds_count)
+    success: int  # requests answered OK (mobiserve_requests_total{code="OK"}) and their time
+    success_s: float
+    fail: int  # requests answered with any other status, and their time
+    fail_s: float
+    queue: int  # classified requests (mobiserve_queue_duration_seconds) and their longest waits
+    queue_s: float
+    preprocess_s: float  # their preprocessing (mobiserve_preprocess_duration_seconds_sum)
+    compute_s: float  # their batches' run time, each request counting the batches it rode in
+    batches: tuple[BatchTotals, ...]  # by batch size; seconds add up to the inference duration sum
+    last_inference_ms: int  # the last batch's end, milliseconds since the epoch (0: none yet)
+
+
+@dataclass
+class _Totals:
+    """The figures no Prometheus series keeps: outcomes' durations, per-request compute time,
+    exact batch sizes. Updated by the same calls, with the same values, as the series."""
+
+    success: int = 0
+    success_s: float = 0.0
+    fail: int = 0
+    fail_s: float = 0.0
+    compute_s: float = 0.0
+    batches: dict[int, list[float]] = field(default_factory=lambda: defaultdict(lambda: [0, 0.0]))
+    last_inference_ms: int = 0
 
 
 class Metrics:
@@ -74,10 +117,60 @@ class Metrics:
             registry=r,
         )
         self._http: tuple[WSGIServer, threading.Thread] | None = None
+        self._totals: dict[str, _Totals] = defaultdict(_Totals)  # model labels are a bounded set
+        self._lock = threading.Lock()  # the statistics are read as one consistent snapshot
+
+    def observe_request(self, model: str, method: str, code: str, seconds: float) -> None:
+        """One answered inference request (or stream message), whatever its status."""
+        with self._lock:
+            self.requests.labels(model, method, code).inc()
+            self.request_seconds.labels(model, method).observe(seconds)
+            totals = self._totals[model]
+            if code == "OK":
+                totals.success += 1
+                totals.success_s += seconds
+            else:
+                totals.fail += 1
+                totals.fail_s += seconds
+
+    def observe_result(self, model: str, images: int, queue_s: float, preprocess_s: float, compute_s: float) -> None:
+        """A classified request: its images and where its time went (compute: the batches it rode in)."""
+        with self._lock:
+            self.images.labels(model).inc(images)
+            self.queue_seconds.labels(model).observe(queue_s)
+            self.preprocess_seconds.labels(model).observe(preprocess_s)
+            self._totals[model].compute_s += compute_s
 
     def observe_batch(self, model: str, size: int, seconds: float) -> None:
-        self.batch_size.labels(model).observe(size)
-        self.inference_seconds.labels(model).observe(seconds)
+        with self._lock:
+            self.batch_size.labels(model).observe(size)
+            self.inference_seconds.labels(model).observe(seconds)
+            totals = self._totals[model]
+            batch = totals.batches[size]
+            batch[0] += 1
+            batch[1] += seconds
+            totals.last_inference_ms = int(time.time() * 1000)
+
+    def statistics(self, model: str) -> ModelStatistics:
+        def sample(name: str) -> float:
+            return self.registry.get_sample_value(name, {"model": model}) or 0.0
+
+        with self._lock:
+            t = self._totals[model]
+            return ModelStatistics(
+                inferences=int(sample("mobiserve_images_total")),
+                executions=int(sample("mobiserve_inference_duration_seconds_count")),
+                success=t.success,
+                success_s=t.success_s,
+                fail=t.fail,
+                fail_s=t.fail_s,
+                queue=int(sample("mobiserve_queue_duration_seconds_count")),
+                queue_s=sample("mobiserve_queue_duration_seconds_sum"),
+                preprocess_s=sample("mobiserve_preprocess_duration_seconds_sum"),
+                compute_s=t.compute_s,
+                batches=tuple(BatchTotals(size, int(n), s) for size, (n, s) in sorted(t.batches.items())),
+                last_inference_ms=t.last_inference_ms,
+            )
 
     def serve_http(self, host: str, port: int) -> int:
         """Serve /metrics in a background thread; returns the bound port (port 0 picks a free one)."""

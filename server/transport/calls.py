@@ -1,0 +1,241 @@
+"""What every inference RPC shares, whichever protocol carries it.
+
+One `Calls` serves all the servicers of a server (mobiserve.v1.Classifier, the Open Inference
+Protocol): one registry, one drain gate, one error log, one set of metrics. A servicer converts
+its messages and hands the domain work to `answer` (one request) through `unary` (a unary call)
+or `stream` (a pipelined stream); those do the rest the same way for every protocol:
+
+- every request or stream message is counted once in `mobiserve_requests_total` with the status it
+  got, and failures other than plain client mistakes are logged with its request id (throttled);
+- deadlines: the client's (gRPC enforces it by cancelling the call) or the server's default;
+- `drain()`, the transport's part of a graceful shutdown: each open stream stops reading, answers
+  every message it has read, then ends with UNAVAILABLE so the client knows to send the rest
+  elsewhere; new unary calls are served while the server catches up, then refused (`drain.py`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterable
+from typing import TypeVar
+
+import grpc
+
+from mobiserve.server.errors import DeadlineExceeded, Unavailable
+from mobiserve.server.metrics import Metrics
+from mobiserve.server.serving import Classified, ModelRegistry, Servable
+from mobiserve.server.transport.drain import CallGate
+from mobiserve.server.transport.errorlog import ErrorLog
+from mobiserve.server.transport.status import is_unexpected, status_of
+
+log = logging.getLogger(__name__)
+
+STREAM_WINDOW = 128  # requests in flight per stream; past it we stop reading (HTTP/2 flow control pushes back)
+SHUTTING_DOWN = "the server is shutting down; send the request to another instance or retry shortly"
+DEFAULT_LABEL = "(default)"  # metrics/log label of a request naming no model, before one is resolved
+UNKNOWN_LABEL = "(unknown)"  # ... naming a model this server does not serve: labels stay a bounded set
+
+Req = TypeVar("Req")
+Resp = TypeVar("Resp")
+
+
+class Failed(Exception):
+    """A request's outcome when it is not a response: the status to send, already logged and counted."""
+
+    def __init__(self, code: grpc.StatusCode, message: str):
+        super().__init__(code, message)
+        self.code = code
+        self.message = message
+
+
+class Calls:
+    def __init__(self, metrics: Metrics, default_timeout_s: float, model_names: Iterable[str]):
+        self.registry: ModelRegistry | None = None  # set once the models are loaded and warm
+        self.metrics = metrics
+        self.default_timeout_s = default_timeout_s
+        self._model_names = frozenset(model_names)
+        self._errors = ErrorLog(log)
+        self.gate = CallGate()
+        self._readers: set[asyncio.Task[None]] = set()
+
+    @property
+    def ready(self) -> bool:
+        """Models loaded and warm, and not draining."""
+        return self.registry is not None and not self.gate.draining
+
+    def drain(self) -> None:
+        """Start refusing new work; make every open stream stop reading and finish what it has read."""
+        self.gate.drain()
+        for reader in list(self._readers):
+            reader.cancel()
+
+    async def unary(
+        self, context: grpc.aio.ServicerContext, handle: Callable[[float, bool, bool], Awaitable[Resp]]
+    ) -> Resp:
+        """One unary call: `handle(deadline, refuse, enforce_deadline)` calls `answer` once."""
+        remaining = context.time_remaining()
+        deadline = time.monotonic() + (self.default_timeout_s if remaining is None else remaining)
+        with self.gate.call():
+            try:
+                return await handle(deadline, self.gate.refusing, remaining is None)
+            except Failed as failed:
+                if failed.code == grpc.StatusCode.DEADLINE_EXCEEDED and _expired(context):
+                    # gRPC is ending the call with DEADLINE_EXCEEDED itself; a status sent now
+                    # would race it (and gRPC would log the lost race as an error)
+                    raise asyncio.CancelledError() from None
+                await context.abort(failed.code, failed.message)
+                raise  # unreachable: abort raises
+
+    async def stream(
+        self,
+        requests: AsyncIterator[Req],
+        context: grpc.aio.ServicerContext,
+        handle: Callable[[Req, float], Awaitable[Resp]],
+        failed: Callable[[Req, Failed], Resp],
+    ) -> AsyncIterator[Resp]:
+        """A pipelined stream: up to STREAM_WINDOW requests in flight, answered in completion order.
+
+        `handle(request, deadline)` calls `answer` once (with enforce_deadline); a request that
+        fails is answered with `failed(request, why)` and the stream goes on."""
+        with self.gate.call():
+            if self.gate.draining:
+                await context.abort(grpc.StatusCode.UNAVAILABLE, SHUTTING_DOWN)
+            async with contextlib.aclosing(self._stream(requests, context, handle, failed)) as responses:
+                async for response in responses:  # closed with this generator: tasks end at once
+                    yield response
+
+    async def answer(
+        self,
+        *,
+        method: str,
+        model: str,
+        request_id: str,
+        context: grpc.aio.ServicerContext,
+        deadline: float,
+        refuse: bool,
+        enforce_deadline: bool,
+        work: Callable[[Servable], Awaitable[Resp]],
+    ) -> Resp:
+        """Answer one request with `work(served model)`, or raise Failed. Counts it exactly once.
+
+        enforce_deadline: end the request when `deadline` passes even if it is still waiting (a
+        default timeout: gRPC enforces client deadlines itself, by cancelling the call)."""
+        started = time.perf_counter()
+        label = self.label(model)
+        code = grpc.StatusCode.OK
+        try:
+            if refuse:
+                raise Unavailable(SHUTTING_DOWN)
+            if self.registry is None:
+                raise Unavailable("models are still loading; retry shortly")
+            job = work(self.registry.get(model))
+            return await (within(job, deadline) if enforce_deadline else job)
+        except asyncio.CancelledError:
+            # the client went away, or the call's deadline passed and gRPC cancelled it (gRPC's
+            # own clock decides: ours may read a hair earlier)
+            expired = _expired(context) or time.monotonic() >= deadline
+            code = grpc.StatusCode.DEADLINE_EXCEEDED if expired else grpc.StatusCode.CANCELLED
+            raise
+        except Exception as exc:
+            code, message = status_of(exc)
+            self._errors.failed(
+                code,
+                message,
+                model=label,
+                method=method,
+                request_id=request_id,
+                exc=exc if is_unexpected(exc) else None,
+            )
+            raise Failed(code, message) from None
+        finally:
+            self.metrics.observe_request(label, method, code.name, time.perf_counter() - started)
+
+    def observe(self, result: Classified) -> None:
+        """A classified request's images and timing, into the metrics."""
+        t = result.timing
+        self.metrics.observe_result(
+            result.model, len(result.scores), t.queue_us / 1e6, t.preprocess_us / 1e6, t.inference_us / 1e6
+        )
+
+    def label(self, name: str) -> str:
+        """The model's name for metrics and logs, from a bounded set whatever the client sends."""
+        registry = self.registry
+        if not name:
+            return registry.default if registry is not None else DEFAULT_LABEL
+        return name if name in self._model_names else UNKNOWN_LABEL
+
+    async def _stream(
+        self,
+        requests: AsyncIterator[Req],
+        context: grpc.aio.ServicerContext,
+        handle: Callable[[Req, float], Awaitable[Resp]],
+        failed: Callable[[Req, Failed], Resp],
+    ) -> AsyncGenerator[Resp, None]:
+        answers: asyncio.Queue[Resp | None] = asyncio.Queue()
+        window = asyncio.Semaphore(STREAM_WINDOW)
+        handlers: set[asyncio.Task[None]] = set()
+
+        async def answer(request: Req) -> None:
+            # Each message gets the default timeout. A stream deadline ends the whole call: gRPC
+            # cancels this handler then, which drops whatever the stream still has queued.
+            try:
+                response = await handle(request, time.monotonic() + self.default_timeout_s)
+            except Failed as why:
+                response = failed(request, why)
+            finally:
+                window.release()
+            answers.put_nowait(response)
+
+        async def read() -> None:
+            iterator = aiter(requests)
+            while True:
+                await window.acquire()  # before reading: a message once read is always answered
+                request = await anext(iterator, None)
+                if request is None:
+                    return
+                task = asyncio.create_task(answer(request))
+                handlers.add(task)
+                task.add_done_callback(handler_done)
+
+        def handler_done(task: asyncio.Task[None]) -> None:
+            handlers.discard(task)
+            end_if_all_answered()
+
+        def end_if_all_answered(_: object = None) -> None:
+            # the reader stopped (end of stream, broken stream or drain()) and every message it
+            # read has its answer queued: exactly once, whichever of the two happens last
+            if reader.done() and not handlers:
+                answers.put_nowait(None)
+
+        reader = asyncio.create_task(read())
+        self._readers.add(reader)
+        reader.add_done_callback(self._readers.discard)
+        reader.add_done_callback(end_if_all_answered)
+        try:
+            while (response := await answers.get()) is not None:
+                yield response
+            await asyncio.wait({reader})
+            if reader.cancelled():  # only drain() cancels it while the stream is being served
+                await context.abort(grpc.StatusCode.UNAVAILABLE, SHUTTING_DOWN)
+            reader.result()  # surfaces a broken request stream
+        finally:
+            reader.cancel()
+            for task in list(handlers):
+                task.cancel()
+
+
+async def within(work: Awaitable[Resp], deadline: float) -> Resp:
+    """`work`, or DeadlineExceeded once `deadline` (time.monotonic) passes."""
+    try:
+        return await asyncio.wait_for(work, deadline - time.monotonic())
+    except TimeoutError:
+        raise DeadlineExceeded("the deadline passed before the request could be answered; it was dropped") from None
+
+
+def _expired(context: grpc.aio.ServicerContext) -> bool:
+    """The call's own (client) deadline has passed, by gRPC's clock."""
+    remaining = context.time_remaining()
+    return remaining is not None and remaining <= 0

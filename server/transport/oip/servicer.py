@@ -1,0 +1,179 @@
+"""inference.GRPCInferenceService: Open Inference Protocol messages <-> the domain layer.
+
+Inference goes through the same `Calls` as mobiserve.v1.Classifier (same batchers, status
+mapping, metrics, drain gate and error log); this module only converts. Each served model is a
+model of the protocol under the same name (an empty name means the default model).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from importlib import metadata
+
+import grpc
+
+from mobiserve.inference import grpc_service_pb2 as pb
+from mobiserve.inference import grpc_service_pb2_grpc as pb_grpc
+from mobiserve.server.errors import InvalidInput, ModelNotFound
+from mobiserve.server.serving import ModelRegistry, Servable
+from mobiserve.server.transport.calls import Calls, Failed, within
+from mobiserve.server.transport.oip.models import model_config, model_metadata, model_statistics
+from mobiserve.server.transport.oip.tensors import images_of, integer_parameter, requested_outputs, response_of
+from mobiserve.server.transport.status import status_of
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name  # "inference.GRPCInferenceService"
+EXTENSIONS = ("classification", "model_configuration", "statistics")
+TIMEOUT = "timeout"  # request parameter: microseconds; a deadline like the call's own
+
+
+def _server_version() -> str:
+    try:
+        return metadata.version("mobiserve")
+    except metadata.PackageNotFoundError:
+        return "0"
+
+
+class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
+    def __init__(self, calls: Calls):
+        self.calls = calls
+        self._version = _server_version()
+
+    async def ServerLive(
+        self, request: pb.ServerLiveRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ServerLiveResponse:
+        return pb.ServerLiveResponse(live=True)
+
+    async def ServerReady(
+        self, request: pb.ServerReadyRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ServerReadyResponse:
+        return pb.ServerReadyResponse(ready=self.calls.ready)
+
+    async def ModelReady(
+        self, request: pb.ModelReadyRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ModelReadyResponse:
+        """False (not an error) for a model this server does not serve, as a readiness probe expects."""
+        registry = self.calls.registry
+        ready = self.calls.ready and registry is not None and request.name in registry.models
+        if ready and registry is not None and request.version:
+            ready = registry.models[request.name].description.version == request.version
+        return pb.ModelReadyResponse(ready=ready)
+
+    async def ServerMetadata(
+        self, request: pb.ServerMetadataRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ServerMetadataResponse:
+        return pb.ServerMetadataResponse(name="mobiserve", version=self._version, extensions=EXTENSIONS)
+
+    async def ModelMetadata(
+        self, request: pb.ModelMetadataRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ModelMetadataResponse:
+        model = await self._model(request.name, request.version, context)
+        return model_metadata(model.description)
+
+    async def ModelConfig(
+        self, request: pb.ModelConfigRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ModelConfigResponse:
+        model = await self._model(request.name, request.version, context)
+        return pb.ModelConfigResponse(config=model_config(model.description))
+
+    async def ModelStatistics(
+        self, request: pb.ModelStatisticsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ModelStatisticsResponse:
+        """One model's, or (no name) every model's."""
+        if request.name:
+            models = [await self._model(request.name, request.version, context)]
+        else:
+            models = list(await self._registry(context))
+        stats = self.calls.metrics.statistics
+        return pb.ModelStatisticsResponse(model_stats=[model_statistics(m.description, stats(m.name)) for m in models])
+
+    async def ModelInfer(
+        self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ModelInferResponse:
+        return await self.calls.unary(
+            context,
+            lambda deadline, refuse, enforce: self._infer(request, "ModelInfer", context, deadline, refuse, enforce),
+        )
+
+    async def ModelStreamInfer(
+        self, request_iterator: AsyncIterator[pb.ModelInferRequest], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.ModelStreamInferResponse]:
+        """Pipelined like ClassifyStream; a failed request is answered with error_message."""
+
+        async def handle(request: pb.ModelInferRequest, deadline: float) -> pb.ModelStreamInferResponse:
+            response = await self._infer(request, "ModelStreamInfer", context, deadline, False, True)
+            return pb.ModelStreamInferResponse(infer_response=response)
+
+        def failed(request: pb.ModelInferRequest, why: Failed) -> pb.ModelStreamInferResponse:
+            echo = pb.ModelInferResponse(
+                model_name=request.model_name, model_version=request.model_version, id=request.id
+            )
+            return pb.ModelStreamInferResponse(error_message=why.message, infer_response=echo)
+
+        async for response in self.calls.stream(request_iterator, context, handle, failed):
+            yield response
+
+    async def _infer(
+        self,
+        request: pb.ModelInferRequest,
+        method: str,
+        context: grpc.aio.ServicerContext,
+        deadline: float,
+        refuse: bool,
+        enforce: bool,
+    ) -> pb.ModelInferResponse:
+        async def work(model: Servable) -> pb.ModelInferResponse:
+            d = model.description
+            _check_version(d.name, d.version, request.model_version)
+            timeout_s = _timeout_s(request)
+            images = images_of(request, d)
+            outputs = requested_outputs(request, d)
+            job = model.classify(images, min(deadline, time.monotonic() + timeout_s) if timeout_s else deadline)
+            result = await (within(job, time.monotonic() + timeout_s) if timeout_s else job)
+            self.calls.observe(result)
+            return response_of(request, d, result.scores, outputs)
+
+        return await self.calls.answer(
+            method=method,
+            model=request.model_name,
+            request_id=request.id,
+            context=context,
+            deadline=deadline,
+            refuse=refuse,
+            enforce_deadline=enforce,
+            work=work,
+        )
+
+    async def _registry(self, context: grpc.aio.ServicerContext) -> ModelRegistry:
+        registry = self.calls.registry
+        if registry is None:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "models are still loading; retry shortly")
+            raise AssertionError("unreachable")
+        return registry
+
+    async def _model(self, name: str, version: str, context: grpc.aio.ServicerContext) -> Servable:
+        registry = await self._registry(context)
+        try:
+            model = registry.get(name)
+            _check_version(model.name, model.description.version, version)
+        except ModelNotFound as exc:
+            await context.abort(*status_of(exc))
+            raise AssertionError("unreachable") from None
+        return model
+
+
+def _check_version(name: str, served: str, asked: str) -> None:
+    if asked and asked != served:
+        raise ModelNotFound(f"model {name!r} has no version {asked!r}; this server serves version {served!r}")
+
+
+def _timeout_s(request: pb.ModelInferRequest) -> float:
+    """The `timeout` request parameter in seconds (0: none). Other parameters are let through:
+    `priority` is accepted and ignored (one queue serves every request), and so are those of
+    protocol extensions this server does not implement."""
+    if TIMEOUT not in request.parameters:
+        return 0.0
+    micros = integer_parameter(request.parameters[TIMEOUT], TIMEOUT)
+    if micros < 0:
+        raise InvalidInput(f"parameter {TIMEOUT!r} is {micros}; give microseconds (0: none)")
+    return micros / 1e6
