@@ -29,6 +29,7 @@ from mobiserve.server.processing.preprocess import ImageLimits
 from mobiserve.server.runtime.model import Model
 from mobiserve.server.runtime.session import SessionTuning
 from mobiserve.server.serving import ModelRegistry, ServedModel
+from mobiserve.server.transport.connections import connection_options
 from mobiserve.server.transport.servicer import ClassifierServicer
 from mobiserve.v1 import classifier_pb2 as pb
 from mobiserve.v1 import classifier_pb2_grpc as pb_grpc
@@ -131,6 +132,7 @@ async def create_app(config: ServerConfig) -> App:
         ("grpc.max_receive_message_length", config.max_message_bytes),
         ("grpc.max_send_message_length", config.max_message_bytes),
         ("grpc.so_reuseport", 0),
+        *connection_options(config),
     ]
     server = grpc.aio.server(options=options)
     metrics = Metrics()

@@ -69,6 +69,38 @@ def _add_serve(sub: Subcommands) -> None:
     )
     p.add_argument("--grace-period", type=float, default=None, help="seconds to drain on SIGTERM (default 30)")
     p.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus metrics on this port")
+    c = p.add_argument_group("connections", "idle and age limits, keepalive pings (seconds; see docs/operations.md)")
+    c.add_argument(
+        "--max-connection-idle",
+        type=float,
+        default=None,
+        help="close a connection without calls (default 300; 0: never)",
+    )
+    c.add_argument(
+        "--max-connection-age",
+        type=float,
+        default=None,
+        help="close every connection this old with GOAWAY, so clients reconnect and rebalance (default 0: never)",
+    )
+    c.add_argument(
+        "--max-connection-age-grace",
+        type=float,
+        default=None,
+        help="after that GOAWAY, cut calls still running on it (default 30; 0: wait for them)",
+    )
+    c.add_argument("--keepalive-time", type=float, default=None, help="ping a connection silent this long (default 60)")
+    c.add_argument(
+        "--keepalive-timeout",
+        type=float,
+        default=None,
+        help="close it when a ping is unanswered this long (default 20)",
+    )
+    c.add_argument(
+        "--min-ping-interval",
+        type=float,
+        default=None,
+        help="shortest client ping interval allowed, with or without calls (default 10)",
+    )
     p.add_argument("--tls-cert", help="server certificate (PEM); enables TLS")
     p.add_argument("--tls-key", help="server private key (PEM)")
     p.add_argument("--tls-client-ca", help="CA (PEM) that client certificates must chain to; enables mutual TLS")
@@ -117,6 +149,12 @@ def _server_config(args: argparse.Namespace) -> ServerConfig:
         "tls_cert": args.tls_cert,
         "tls_key": args.tls_key,
         "tls_client_ca": args.tls_client_ca,
+        "max_connection_idle_s": args.max_connection_idle,
+        "max_connection_age_s": args.max_connection_age,
+        "max_connection_age_grace_s": args.max_connection_age_grace,
+        "keepalive_time_s": args.keepalive_time,
+        "keepalive_timeout_s": args.keepalive_timeout,
+        "min_ping_interval_s": args.min_ping_interval,
     }
     if bool(args.tls_cert) != bool(args.tls_key):
         raise ValueError("--tls-cert and --tls-key go together")

@@ -87,3 +87,21 @@ def serve(
 def run(*args: str, timeout: float = 120, **kw: object) -> subprocess.CompletedProcess[str]:
     """The `mobiserve` command, as a user runs it."""
     return subprocess.run([MOBISERVE, *args], capture_output=True, text=True, timeout=timeout, **kw)  # type: ignore[call-overload]
+
+
+def tcp_connections(port: int) -> list[tuple[int, int, str]]:
+    """TCP sockets on this machine with `port` at either end: (local port, remote port, state).
+
+    Read from /proc/net/tcp and tcp6 (gRPC's IPv4 sockets are often IPv6 ones with mapped
+    addresses): what the kernel holds, whichever process owns it."""
+    states = {"01": "ESTABLISHED", "08": "CLOSE_WAIT", "04": "FIN_WAIT1", "05": "FIN_WAIT2", "06": "TIME_WAIT"}
+    found = []
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with open(table) as f:
+            next(f)
+            for line in f:
+                fields = line.split()
+                local, remote = (int(a.rsplit(":", 1)[1], 16) for a in fields[1:3])
+                if port in (local, remote):
+                    found.append((local, remote, states.get(fields[3], fields[3])))
+    return found
