@@ -23,6 +23,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -411,6 +412,21 @@ def dockerfile_env() -> dict[str, str]:
 def dockerfile_uid() -> int:
     (user,) = [rest for word, rest in runtime_stage() if word == "USER"]
     return int(user.split(":")[0])
+
+
+def test_the_image_copies_every_source_folder_of_the_package() -> None:
+    """A folder missing from the build context or the COPY list builds a wheel without that part."""
+    folders = {
+        path.split("/")[0]
+        for path in tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-dir"].values()
+    }
+    copied = {
+        rest.split()[0].rstrip("/")
+        for word, rest in dockerfile_instructions()
+        if word == "COPY" and "--from" not in rest
+    }
+    allowed = set(re.findall(r"^!(\w+)/$", (ROOT / ".dockerignore").read_text(), re.M))
+    assert folders <= copied and folders <= allowed, (folders, copied, allowed)
 
 
 def test_dockerfile_runs_the_tested_scripts_as_an_unprivileged_user() -> None:
