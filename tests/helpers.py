@@ -8,11 +8,13 @@ import io
 import os
 import subprocess
 import sys
+import urllib.request
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
+from prometheus_client.parser import text_string_to_metric_families
 
 from mobiserve.bench import servers
 from mobiserve.bench.servers import ServerProcess, free_port
@@ -105,3 +107,17 @@ def tcp_connections(port: int) -> list[tuple[int, int, str]]:
                 if port in (local, remote):
                     found.append((local, remote, states.get(fields[3], fields[3])))
     return found
+
+
+def metric(host: str, port: int, name: str, **labels: str) -> float:
+    """The sum of the samples called `name` whose labels include `labels`, read from the
+    Prometheus endpoint a server serves on `host:port` (--metrics-port): what that one process
+    counted, whoever its clients were."""
+    with urllib.request.urlopen(f"http://{host}:{port}/metrics", timeout=10) as page:
+        text = page.read().decode()
+    return sum(
+        sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == name and labels.items() <= sample.labels.items()
+    )
