@@ -38,7 +38,8 @@ def _add_serve(sub: Subcommands) -> None:
         action="append",
         metavar="[NAME=]PATH",
         help="ONNX model to serve; repeat for several (the first is the default); "
-        "a bare PATH is named after its file. Default: the zoo's int8 model, pulled if missing",
+        "a bare PATH is named after its file; a folder means the one *.onnx file in it. "
+        "Default: the zoo's int8 model, pulled if missing",
     )
     p.add_argument("--name", help="name of the model when a single --model is given")
     p.add_argument("--synsets", help="labels file, '<wnid> <name>' per line in output order (default: ImageNet-1k)")
@@ -180,20 +181,31 @@ def _server_config(args: argparse.Namespace) -> ServerConfig:
     models = []
     for spec in specs:
         name, path = _split_model_spec(spec)
-        if args.name:
-            name = args.name
-        if not Path(path).is_file():
-            raise ValueError(f"model file not found: {path}")
-        models.append(ModelConfig(name=name, path=path, **knobs))
+        path = _model_file(path)
+        models.append(ModelConfig(name=args.name or name or Path(path).stem, path=path, **knobs))
     return ServerConfig(models=tuple(models), **{k: v for k, v in overrides.items() if v is not None})
 
 
-def _split_model_spec(spec: str) -> tuple[str, str]:
-    """'NAME=PATH' or a bare 'PATH' (named after the file, without '.onnx')."""
+def _split_model_spec(spec: str) -> tuple[str | None, str]:
+    """'NAME=PATH', or a bare 'PATH' (None: named after its model file, without '.onnx')."""
     name, sep, path = spec.partition("=")
     if sep and name and "/" not in name:
         return name, path
-    return Path(spec).stem, spec
+    return None, spec
+
+
+def _model_file(path: str) -> str:
+    """PATH itself, or for a folder the one `*.onnx` file in it: what an orchestrator mounts, such
+    as KServe's storage initializer at /mnt/models, is a folder whose file name it does not fix."""
+    if Path(path).is_dir():
+        found = sorted(p.name for p in Path(path).glob("*.onnx") if p.is_file())
+        if len(found) != 1:
+            what = "no .onnx file" if not found else f"{len(found)} .onnx files ({', '.join(found)})"
+            raise ValueError(f"model folder {path} holds {what}: it must hold exactly one, or name the file")
+        return str(Path(path) / found[0])
+    if not Path(path).is_file():
+        raise ValueError(f"model file not found: {path}")
+    return path
 
 
 def _default_model() -> Path:
