@@ -33,6 +33,7 @@ from mobiserve.server.runtime.model import Model
 from mobiserve.server.runtime.session import SessionTuning
 from mobiserve.server.serving import ModelRegistry, ServedModel
 from mobiserve.server.transport.calls import Calls
+from mobiserve.server.transport.connections import connection_options
 from mobiserve.server.transport.oip.servicer import SERVICE_NAME as OIP_SERVICE_NAME
 from mobiserve.server.transport.oip.servicer import InferenceServicer
 from mobiserve.server.transport.servicer import ClassifierServicer
@@ -140,6 +141,7 @@ async def create_app(config: ServerConfig) -> App:
         ("grpc.max_receive_message_length", config.max_message_bytes),
         ("grpc.max_send_message_length", config.max_message_bytes),
         ("grpc.so_reuseport", 0),
+        *connection_options(config),
     ]
     server = grpc.aio.server(options=options)
     metrics = Metrics()

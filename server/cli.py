@@ -38,7 +38,8 @@ def _add_serve(sub: Subcommands) -> None:
         action="append",
         metavar="[NAME=]PATH",
         help="ONNX model to serve; repeat for several (the first is the default); "
-        "a bare PATH is named after its file. Default: the zoo's int8 model, pulled if missing",
+        "a bare PATH is named after its file; a folder means the one *.onnx file in it. "
+        "Default: the zoo's int8 model, pulled if missing",
     )
     p.add_argument("--name", help="name of the model when a single --model is given")
     p.add_argument("--synsets", help="labels file, '<wnid> <name>' per line in output order (default: ImageNet-1k)")
@@ -69,6 +70,38 @@ def _add_serve(sub: Subcommands) -> None:
     )
     p.add_argument("--grace-period", type=float, default=None, help="seconds to drain on SIGTERM (default 30)")
     p.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus metrics on this port")
+    c = p.add_argument_group("connections", "idle and age limits, keepalive pings (seconds; see docs/operations.md)")
+    c.add_argument(
+        "--max-connection-idle",
+        type=float,
+        default=None,
+        help="close a connection without calls (default 300; 0: never)",
+    )
+    c.add_argument(
+        "--max-connection-age",
+        type=float,
+        default=None,
+        help="close every connection this old with GOAWAY, so clients reconnect and rebalance (default 0: never)",
+    )
+    c.add_argument(
+        "--max-connection-age-grace",
+        type=float,
+        default=None,
+        help="after that GOAWAY, cut calls still running on it (default 30; 0: wait for them)",
+    )
+    c.add_argument("--keepalive-time", type=float, default=None, help="ping a connection silent this long (default 60)")
+    c.add_argument(
+        "--keepalive-timeout",
+        type=float,
+        default=None,
+        help="close it when a ping is unanswered this long (default 20)",
+    )
+    c.add_argument(
+        "--min-ping-interval",
+        type=float,
+        default=None,
+        help="shortest client ping interval allowed, with or without calls (default 10)",
+    )
     p.add_argument("--tls-cert", help="server certificate (PEM); enables TLS")
     p.add_argument("--tls-key", help="server private key (PEM)")
     p.add_argument("--tls-client-ca", help="CA (PEM) that client certificates must chain to; enables mutual TLS")
@@ -117,6 +150,12 @@ def _server_config(args: argparse.Namespace) -> ServerConfig:
         "tls_cert": args.tls_cert,
         "tls_key": args.tls_key,
         "tls_client_ca": args.tls_client_ca,
+        "max_connection_idle_s": args.max_connection_idle,
+        "max_connection_age_s": args.max_connection_age,
+        "max_connection_age_grace_s": args.max_connection_age_grace,
+        "keepalive_time_s": args.keepalive_time,
+        "keepalive_timeout_s": args.keepalive_timeout,
+        "min_ping_interval_s": args.min_ping_interval,
     }
     if bool(args.tls_cert) != bool(args.tls_key):
         raise ValueError("--tls-cert and --tls-key go together")
@@ -142,20 +181,31 @@ def _server_config(args: argparse.Namespace) -> ServerConfig:
     models = []
     for spec in specs:
         name, path = _split_model_spec(spec)
-        if args.name:
-            name = args.name
-        if not Path(path).is_file():
-            raise ValueError(f"model file not found: {path}")
-        models.append(ModelConfig(name=name, path=path, **knobs))
+        path = _model_file(path)
+        models.append(ModelConfig(name=args.name or name or Path(path).stem, path=path, **knobs))
     return ServerConfig(models=tuple(models), **{k: v for k, v in overrides.items() if v is not None})
 
 
-def _split_model_spec(spec: str) -> tuple[str, str]:
-    """'NAME=PATH' or a bare 'PATH' (named after the file, without '.onnx')."""
+def _split_model_spec(spec: str) -> tuple[str | None, str]:
+    """'NAME=PATH', or a bare 'PATH' (None: named after its model file, without '.onnx')."""
     name, sep, path = spec.partition("=")
     if sep and name and "/" not in name:
         return name, path
-    return Path(spec).stem, spec
+    return None, spec
+
+
+def _model_file(path: str) -> str:
+    """PATH itself, or for a folder the one `*.onnx` file in it: what an orchestrator mounts, such
+    as KServe's storage initializer at /mnt/models, is a folder whose file name it does not fix."""
+    if Path(path).is_dir():
+        found = sorted(p.name for p in Path(path).glob("*.onnx") if p.is_file())
+        if len(found) != 1:
+            what = "no .onnx file" if not found else f"{len(found)} .onnx files ({', '.join(found)})"
+            raise ValueError(f"model folder {path} holds {what}: it must hold exactly one, or name the file")
+        return str(Path(path) / found[0])
+    if not Path(path).is_file():
+        raise ValueError(f"model file not found: {path}")
+    return path
 
 
 def _default_model() -> Path:

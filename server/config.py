@@ -68,9 +68,21 @@ class ServerConfig:
     tls_cert: str = ""
     tls_key: str = ""
     tls_client_ca: str = ""
+    # connections (transport/connections.py; docs/operations.md says why these defaults)
+    max_connection_idle_s: float = 300.0  # close a connection without calls after this long (0: never)
+    max_connection_age_s: float = 0.0  # close any connection this old, gracefully (0: never)
+    max_connection_age_grace_s: float = 30.0  # then cut what still runs on it (0: wait for it)
+    keepalive_time_s: float = 60.0  # ping a connection that was silent this long
+    keepalive_timeout_s: float = 20.0  # and close it if the ping is not answered in this time
+    min_ping_interval_s: float = 10.0  # clients may ping this often; more often and they are cut off
 
     def __post_init__(self) -> None:
         _at_least(self, 0, "port", "metrics_port", "grace_s")
+        _at_least(self, 0, "max_connection_idle_s", "max_connection_age_s", "max_connection_age_grace_s")
+        _at_least(self, 0, "min_ping_interval_s")
+        for name in ("keepalive_time_s", "keepalive_timeout_s"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         _at_least(self, 1, "max_message_bytes", "max_images_per_request", "max_pixels", "preprocess_threads")
         if self.default_timeout_s <= 0:
             raise ValueError(f"default_timeout_s must be positive, got {self.default_timeout_s}")

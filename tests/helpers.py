@@ -8,11 +8,13 @@ import io
 import os
 import subprocess
 import sys
+import urllib.request
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
+from prometheus_client.parser import text_string_to_metric_families
 
 from mobiserve.bench import servers
 from mobiserve.bench.servers import ServerProcess, free_port
@@ -87,3 +89,35 @@ def serve(
 def run(*args: str, timeout: float = 120, **kw: object) -> subprocess.CompletedProcess[str]:
     """The `mobiserve` command, as a user runs it."""
     return subprocess.run([MOBISERVE, *args], capture_output=True, text=True, timeout=timeout, **kw)  # type: ignore[call-overload]
+
+
+def tcp_connections(port: int) -> list[tuple[int, int, str]]:
+    """TCP sockets on this machine with `port` at either end: (local port, remote port, state).
+
+    Read from /proc/net/tcp and tcp6 (gRPC's IPv4 sockets are often IPv6 ones with mapped
+    addresses): what the kernel holds, whichever process owns it."""
+    states = {"01": "ESTABLISHED", "08": "CLOSE_WAIT", "04": "FIN_WAIT1", "05": "FIN_WAIT2", "06": "TIME_WAIT"}
+    found = []
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with open(table) as f:
+            next(f)
+            for line in f:
+                fields = line.split()
+                local, remote = (int(a.rsplit(":", 1)[1], 16) for a in fields[1:3])
+                if port in (local, remote):
+                    found.append((local, remote, states.get(fields[3], fields[3])))
+    return found
+
+
+def metric(host: str, port: int, name: str, **labels: str) -> float:
+    """The sum of the samples called `name` whose labels include `labels`, read from the
+    Prometheus endpoint a server serves on `host:port` (--metrics-port): what that one process
+    counted, whoever its clients were."""
+    with urllib.request.urlopen(f"http://{host}:{port}/metrics", timeout=10) as page:
+        text = page.read().decode()
+    return sum(
+        sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == name and labels.items() <= sample.labels.items()
+    )

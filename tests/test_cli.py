@@ -61,6 +61,42 @@ def test_a_model_that_cannot_load_is_a_clear_startup_error(tmp_path: Path, kind:
     assert last.startswith("mobiserve: error:") and str(path) in last
 
 
+def test_a_model_folder_serves_the_one_onnx_file_in_it(tmp_path: Path, int8_model: Path, jpeg: bytes) -> None:
+    """`--model NAME=DIR`, as KServe mounts a model at /mnt/models: the folder's one *.onnx file,
+    whatever it is called, served under NAME; a bare DIR is named after that file."""
+    folder = tmp_path / "mnt-models"
+    folder.mkdir()
+    (folder / "model.onnx").symlink_to(int8_model)
+    (folder / "README").write_text("not a model")  # what else a storage bucket may hold
+    server = serve("--model", f"mobilenetv2={folder}", "--model", str(folder), "--synsets", str(SYNSETS))
+    try:
+        with grpc.insecure_channel(server.target) as ch:
+            stub = pb_grpc.ClassifierStub(ch)
+            assert [m.name for m in stub.ListModels(pb.ListModelsRequest(), timeout=10).models] == [
+                "mobilenetv2",
+                "model",
+            ]
+            answer = stub.Classify(request_of(jpeg), timeout=30)
+        assert answer.model == "mobilenetv2" and answer.results[0].classes[0].name == "tench"
+    finally:
+        server.stop()
+    assert server.proc.returncode == 0, server.log[-2000:]
+
+
+@pytest.mark.parametrize("onnx_files", [[], ["a.onnx", "b.onnx"]], ids=["none", "two"])
+def test_a_model_folder_without_exactly_one_onnx_file_is_a_one_line_error(
+    tmp_path: Path, int8_model: Path, onnx_files: list[str]
+) -> None:
+    for name in onnx_files:
+        (tmp_path / name).symlink_to(int8_model)
+    r = run("serve", "--model", f"m={tmp_path}", "--port", str(free_port()))
+    assert r.returncode == 1
+    found = f"{len(onnx_files)} .onnx files (a.onnx, b.onnx)" if onnx_files else "no .onnx file"
+    assert r.stderr.strip().splitlines() == [
+        f"mobiserve: error: model folder {tmp_path} holds {found}: it must hold exactly one, or name the file"
+    ]
+
+
 def test_models_pull_verifies_sha256(tmp_path: Path, int8_model: Path) -> None:
     r = run("models", "pull", "int8", "--from", str(int8_model.parent), "--dir", str(tmp_path / "models"))
     assert r.returncode == 0, r.stderr

@@ -1,0 +1,182 @@
+"""What a red team found, each kept from coming back: against real `mobiserve serve` processes
+(memory, threads, sockets, signals) and real in-process servers, over real gRPC and raw sockets.
+
+Every test here bounds its own time; the ones past ~5 s are marked slow.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import grpc
+import pytest
+import pytest_asyncio
+
+from mobiserve.v1 import classifier_pb2_grpc as pb_grpc
+
+from helpers import SYNSETS, ServerProcess, request_of, serve, tcp_connections
+
+# The client's connection preface: the HTTP/2 magic and an empty SETTINGS frame, then nothing.
+H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + bytes([0, 0, 0, 4, 0, 0, 0, 0, 0])
+
+
+def wait_until(condition: object, timeout: float, interval: float = 0.1) -> bool:
+    """Poll a condition (a callable) until it holds or `timeout` passes; its last value."""
+    assert callable(condition)
+    end = time.monotonic() + timeout
+    while not (held := bool(condition())) and time.monotonic() < end:
+        time.sleep(interval)
+    return held
+
+
+# -------------------------------------------------------------------------------- connections
+
+IDLE_S, KEEPALIVE_S, AGE_S = 1.0, 1.0, 6.0
+
+
+@pytest_asyncio.fixture(scope="module")
+async def limited(int8_model: Path) -> AsyncIterator[ServerProcess]:
+    """A server with short connection limits, so the tests see them act in seconds."""
+    proc = await asyncio.to_thread(
+        serve,
+        "--model",
+        f"int8={int8_model}",
+        "--synsets",
+        str(SYNSETS),
+        "--max-connection-idle",
+        str(IDLE_S),
+        "--keepalive-time",
+        str(KEEPALIVE_S),
+        "--keepalive-timeout",
+        str(KEEPALIVE_S),
+        "--max-connection-age",
+        str(AGE_S),
+        "--max-connection-age-grace",
+        "2",
+    )
+    try:
+        yield proc
+    finally:
+        proc.kill()
+
+
+def closed_by_peer(sock: socket.socket) -> bool:
+    """Read what the server sent (SETTINGS, GOAWAY); True once it closed the connection."""
+    try:
+        while data := sock.recv(65536):
+            del data
+        return True
+    except BlockingIOError:
+        return False
+    except ConnectionResetError:
+        return True
+
+
+def test_connections_that_only_send_the_preface_are_closed_when_idle(limited: ServerProcess) -> None:
+    socks = []
+    try:
+        for _ in range(200):
+            s = socket.create_connection(("127.0.0.1", limited.port), timeout=10)
+            s.sendall(H2_PREFACE)
+            s.setblocking(False)
+            socks.append(s)
+        open_ = set(range(len(socks)))
+
+        def all_closed() -> bool:
+            open_.difference_update({i for i in open_ if closed_by_peer(socks[i])})
+            return not open_
+
+        # closed by the idle limit, well before the age limit could have done it
+        assert wait_until(all_closed, AGE_S * 0.9 - 1), f"{len(open_)} of 200 idle connections still open"
+    finally:
+        for s in socks:
+            s.close()
+
+
+STALLED_CLIENT = textwrap.dedent(
+    """
+    import sys, time, grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+    channel = grpc.insecure_channel(sys.argv[1])
+    watch = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(service=""))
+    next(watch)
+    print("watching", flush=True)
+    time.sleep(600)
+    """
+)
+
+
+def test_a_peer_that_stops_answering_is_cut_off_even_with_a_call_open(limited: ServerProcess) -> None:
+    """A client frozen with a call open (as a vanished host looks): the kernel still acknowledges
+    TCP, so only the server's keepalive pings find it; the open call keeps the idle limit away."""
+    client = subprocess.Popen([sys.executable, "-c", STALLED_CLIENT, limited.target], stdout=subprocess.PIPE, text=True)
+    try:
+        assert client.stdout is not None and client.stdout.readline().strip() == "watching"
+
+        (peer,) = {r for loc, r, st in tcp_connections(limited.port) if loc == limited.port and st == "ESTABLISHED"}
+        client.send_signal(signal.SIGSTOP)
+        states = lambda: {st for loc, r, st in tcp_connections(limited.port) if r == peer}
+        # keepalive time + timeout, with room; the age limit would only act after AGE_S
+        assert wait_until(lambda: "ESTABLISHED" not in states(), AGE_S * 0.9 - 1), states()
+    finally:
+        client.kill()
+        client.wait(30)
+
+
+@pytest.mark.slow
+async def test_max_connection_age_moves_clients_to_new_connections_without_failing_calls(
+    limited: ServerProcess, jpeg: bytes
+) -> None:
+    ports: set[int] = set()
+    calls = 0
+    async with grpc.aio.insecure_channel(limited.target) as channel:
+        stub = pb_grpc.ClassifierStub(channel)
+        end = asyncio.get_running_loop().time() + AGE_S * 1.1 + 2
+        while asyncio.get_running_loop().time() < end:
+            await stub.Classify(request_of(jpeg), timeout=30)  # every call succeeds
+            calls += 1
+            ports |= {loc for loc, r, st in tcp_connections(limited.port) if r == limited.port and st == "ESTABLISHED"}
+            await asyncio.sleep(0.05)
+    assert calls > 20
+    assert len(ports) >= 2, f"one connection for {AGE_S * 1.1 + 2:.0f} s with a {AGE_S:.0f} s age limit: {ports}"
+
+
+def test_connection_flags_and_toml_keys_reach_the_grpc_server(tmp_path: Path, int8_model: Path) -> None:
+    from mobiserve.common.command import build_parser
+    from mobiserve.server.cli import _server_config
+    from mobiserve.server.config import ServerConfig, load_toml
+    from mobiserve.server.transport.connections import connection_options
+
+    flags = ["--max-connection-idle", "120", "--max-connection-age", "600", "--max-connection-age-grace", "15"]
+    flags += ["--keepalive-time", "30", "--keepalive-timeout", "5", "--min-ping-interval", "8"]
+    config = _server_config(build_parser().parse_args(["serve", "--model", str(int8_model), *flags]))
+    options = dict(connection_options(config))
+    assert options["grpc.max_connection_idle_ms"] == 120_000
+    assert options["grpc.max_connection_age_ms"] == 600_000
+    assert options["grpc.max_connection_age_grace_ms"] == 15_000
+    assert options["grpc.keepalive_time_ms"] == 30_000
+    assert options["grpc.keepalive_timeout_ms"] == options["grpc.http2.ping_timeout_ms"] == 5_000
+    assert options["grpc.http2.min_ping_interval_without_data_ms"] == 8_000
+
+    toml = tmp_path / "server.toml"
+    toml.write_text(f'[server]\nmax_connection_age_s = 90\n\n[[models]]\nname = "m"\npath = "{int8_model}"\n')
+    assert dict(connection_options(load_toml(toml)))["grpc.max_connection_age_ms"] == 90_000
+
+    # the defaults: idle connections are closed, the age limit is off, client pings at the
+    # client library's default rate (every 5 minutes) are well within what the server allows
+    from mobiserve.client._options import KeepAlive
+
+    defaults = dict(connection_options(ServerConfig(models=config.models)))
+    assert defaults["grpc.max_connection_idle_ms"] > 0
+    assert "grpc.max_connection_age_ms" not in defaults
+    assert defaults["grpc.http2.min_ping_interval_without_data_ms"] <= KeepAlive().time_ms
+    with pytest.raises(ValueError, match="keepalive_time_s must be positive"):
+        ServerConfig(models=config.models, keepalive_time_s=0)
