@@ -108,7 +108,7 @@ class AsyncClient(ClientBase):
             return _health.UNKNOWN_SERVICE
 
     async def close(self) -> None:
-        for channel in self._channels:
+        for channel in [*self._channels, self._health_channel]:
             await channel.close()
 
     async def __aenter__(self) -> AsyncClient:

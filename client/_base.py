@@ -71,7 +71,10 @@ class ClientBase:
             settings.append(("grpc.use_local_subchannel_pool", 1))
         self._channels = [self._channel(settings, credentials) for _ in range(connections)]
         self._stubs = itertools.cycle([pb_grpc.ClassifierStub(c) for c in self._channels])
-        self._check = self._channels[0].unary_unary(_health.CHECK)
+        # health() must reach a server that is not SERVING too: on a channel that does not watch health
+        checking = channel_options(None, keepalive, max_message_bytes, load_balancing, options, watch_health=False)
+        self._health_channel = self._channel(checking, credentials)
+        self._check = self._health_channel.unary_unary(_health.CHECK)
 
     def _channel(self, options: ChannelOptions, credentials: grpc.ChannelCredentials | None) -> Any:
         raise NotImplementedError

@@ -104,7 +104,7 @@ class Client(ClientBase):
             return _health.UNKNOWN_SERVICE
 
     def close(self) -> None:
-        for channel in self._channels:
+        for channel in [*self._channels, self._health_channel]:
             channel.close()
 
     def __enter__(self) -> Client:

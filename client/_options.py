@@ -59,8 +59,13 @@ class KeepAlive:
     permit_without_calls: bool = False
 
 
-def service_config(retry: RetryPolicy | None, load_balancing: str) -> dict[str, Any]:
+def service_config(retry: RetryPolicy | None, load_balancing: str, watch_health: bool = True) -> dict[str, Any]:
+    """gRPC's service config. `watch_health`: gRPC's client-side health checking: each connection
+    watches the server's health service, and calls go only to servers that say SERVING, so a
+    draining or loading server is left at once (servers without a health service count as healthy)."""
     config: dict[str, Any] = {"loadBalancingConfig": [{load_balancing: {}}]}
+    if watch_health:
+        config["healthCheckConfig"] = {"serviceName": SERVICE}
     if retry is not None:
         unary = ["UNAVAILABLE", "RESOURCE_EXHAUSTED"] if retry.retry_overloaded else ["UNAVAILABLE"]
         config["methodConfig"] = [
@@ -79,13 +84,14 @@ def channel_options(
     max_message_bytes: int,
     load_balancing: str,
     extra: ChannelOptions,
+    watch_health: bool = True,
 ) -> list[tuple[str, Any]]:
     """The options for `grpc.insecure_channel` / `secure_channel`; `extra` wins over ours."""
     options: dict[str, Any] = {
         "grpc.max_send_message_length": max_message_bytes,
         "grpc.max_receive_message_length": max_message_bytes,
         "grpc.enable_retries": int(retry is not None),
-        "grpc.service_config": json.dumps(service_config(retry, load_balancing)),
+        "grpc.service_config": json.dumps(service_config(retry, load_balancing, watch_health)),
         # a DNS TXT record must not replace the policy this client was configured with
         "grpc.service_config_disable_resolution": 1,
     }

@@ -15,16 +15,16 @@ ever learn of the added replica. During the rollout the answer keeps every addre
 draining one too, as a client that has not re-resolved yet sees it: the client learns only what
 the servers tell it (their drain, a closed port, a new process taking the address).
 
-Two clients: the library's default, and one with gRPC's client-side health checking (round_robin
-then leaves a replica the moment its health turns NOT_SERVING). Without a cluster's moving parts
-(readiness probes, endpoint updates, preStop), what happens is the servers' and the clients' alone.
+The client is the library's default: it watches each replica's health (gRPC's client-side health
+checking), so round_robin leaves a replica the moment its drain turns it NOT_SERVING. Without a
+cluster's moving parts (readiness probes, endpoint updates, preStop), what happens is the
+servers' and the client's alone.
 """
 
 from __future__ import annotations
 
 import asyncio
 import io
-import json
 import socket
 import time
 from collections import Counter
@@ -38,8 +38,7 @@ from dnslib import QTYPE, RR, A
 from dnslib.server import BaseResolver, DNSLogger, DNSServer
 from PIL import Image
 
-from mobiserve.client import AsyncClient, MobiserveError, RetryPolicy
-from mobiserve.client._options import SERVICE, service_config
+from mobiserve.client import AsyncClient, MobiserveError
 
 import helpers
 from helpers import INT8, SYNSETS, ServerProcess
@@ -55,24 +54,6 @@ GRACE_S = 10.0  # --grace-period: the longest a drain may take
 # gRPC re-resolves a name at most every 30 s by default; a test cannot wait that long (with the
 # manifests' 120 s age it hardly matters: docs/deploy.md).
 RESOLVE_OFTEN = [("grpc.dns_min_time_between_resolutions_ms", 1000)]
-# gRPC's client-side health checking: round_robin picks only replicas whose health service
-# (watched over one stream per connection) says SERVING, so a draining replica is left at once.
-# Not the client's default (yet); set here through its service config.
-WATCH_HEALTH = [
-    (
-        "grpc.service_config",
-        json.dumps({**service_config(RetryPolicy(), "round_robin"), "healthCheckConfig": {"serviceName": SERVICE}}),
-    )
-]
-DRAIN_XFAIL = pytest.mark.xfail(
-    raises=AssertionError,
-    strict=False,
-    reason="the drain on SIGTERM does not steer clients away: a client that does not watch health keeps "
-    "sending to the draining replica, which refuses each call (UNAVAILABLE) for as long as calls keep "
-    "coming (the whole --grace-period: it never gets the 0.25 s of quiet it waits for); round_robin "
-    "re-picks each retry among all connected replicas, so a call whose 5 attempts all land there fails "
-    "with UNAVAILABLE, and at grace expiry calls in flight are CANCELLED (docs/deploy.md, rolling update)",
-)
 
 
 class Endpoints(BaseResolver):
@@ -199,14 +180,7 @@ def small_jpeg() -> bytes:
 
 
 @pytest.mark.timeout(240)
-@pytest.mark.parametrize(
-    "options",
-    [
-        pytest.param(RESOLVE_OFTEN, id="default-client", marks=DRAIN_XFAIL),
-        pytest.param(RESOLVE_OFTEN + WATCH_HEALTH, id="client-watches-health"),
-    ],
-)
-async def test_rolling_update_and_scale_out_under_load_fail_no_call(options: list[tuple[str, Any]]) -> None:
+async def test_rolling_update_and_scale_out_under_load_fail_no_call() -> None:
     port = common_port()
     endpoints = Endpoints(REPLICAS)
     replicas = list(await asyncio.gather(*(asyncio.to_thread(start_replica, a, port) for a in REPLICAS)))
@@ -216,7 +190,7 @@ async def test_rolling_update_and_scale_out_under_load_fail_no_call(options: lis
     try:
         with dns(endpoints) as dns_port:
             target = f"dns://127.0.0.1:{dns_port}/{NAME}:{port}"
-            async with AsyncClient(target, options=options) as client:
+            async with AsyncClient(target, options=RESOLVE_OFTEN) as client:
                 load = Load(client, small_jpeg())
                 load.start()
                 try:
