@@ -12,6 +12,7 @@ from collections.abc import AsyncIterable, AsyncIterator, Iterable
 from types import TracebackType
 
 import grpc
+
 from mobiserve.client._base import DEFAULT_MAX_IN_FLIGHT, DEFAULT_TOP_K, ClientBase, StreamState
 from mobiserve.client._errors import translated
 from mobiserve.client._images import ImageLike, image_of, is_cheap

@@ -7,6 +7,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import grpc
+
 from mobiserve.client._errors import InvalidImage, error_of_number
 from mobiserve.client._options import DEFAULT_MAX_MESSAGE_BYTES, ChannelOptions, KeepAlive, RetryPolicy, channel_options
 from mobiserve.client._results import Classification, classification_of

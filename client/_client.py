@@ -8,6 +8,7 @@ from collections.abc import Iterable, Iterator
 from types import TracebackType
 
 import grpc
+
 from mobiserve.client._base import DEFAULT_MAX_IN_FLIGHT, DEFAULT_TOP_K, ClientBase, StreamState
 from mobiserve.client._errors import translated
 from mobiserve.client._images import ImageLike, image_of

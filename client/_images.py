@@ -13,8 +13,9 @@ from pathlib import Path
 from typing import Union
 
 import numpy as np
-from mobiserve.v1 import classifier_pb2 as pb
 from PIL import Image as PILImage
+
+from mobiserve.v1 import classifier_pb2 as pb
 
 ImageLike = Union[str, "os.PathLike[str]", bytes, PILImage.Image, np.ndarray]
 """A path, encoded image bytes, a PIL image, or an array (uint8 [H, W, 3] RGB or float32 [3, 224, 224])."""

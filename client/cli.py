@@ -16,6 +16,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from tqdm import tqdm
+
 from mobiserve.client import (
     DEFAULT_TARGET,
     TARGET_ENV,
@@ -28,7 +30,6 @@ from mobiserve.client import (
 )
 from mobiserve.client.validation import Tally, labelled_images
 from mobiserve.server.cli import fail
-from tqdm import tqdm
 
 Command = Callable[[argparse.Namespace], int]
 

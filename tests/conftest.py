@@ -15,12 +15,13 @@ import grpc
 import numpy as np
 import pytest
 import pytest_asyncio
+from PIL import Image
+
 from mobiserve.client.bench.baseline import card_preprocess
 from mobiserve.server.app import App, create_app
 from mobiserve.server.config import ModelConfig, ServerConfig
 from mobiserve.v1 import classifier_pb2 as pb
 from mobiserve.v1 import classifier_pb2_grpc as pb_grpc
-from PIL import Image
 
 SHARED = Path(os.environ.get("MOBISERVE_SHARED", Path(__file__).resolve().parents[1].parent / "shared"))
 INT8 = SHARED / "models" / "mobilenetv2-12-int8.onnx"

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 from conftest import INT8, SYNSETS, card_pipeline, request_of
+
 from mobiserve.v1 import classifier_pb2_grpc as pb_grpc
 
 

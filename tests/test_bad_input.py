@@ -11,9 +11,10 @@ from pathlib import Path
 import grpc
 import pytest
 from conftest import encode, request_of
+from PIL import Image
+
 from mobiserve.v1 import classifier_pb2 as pb
 from mobiserve.v1 import classifier_pb2_grpc as pb_grpc
-from PIL import Image
 
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
 

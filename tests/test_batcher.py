@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+
 from mobiserve.server.batching import Batcher
 from mobiserve.server.errors import DeadlineExceeded, InferenceFailed, InvalidInput, Overloaded
 

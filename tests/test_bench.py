@@ -18,6 +18,7 @@ from typing import Any
 import grpc
 import pytest
 from conftest import INT8, request_of
+
 from mobiserve.client.bench.servers import unbatched_server
 from mobiserve.server.app import App
 from mobiserve.v1 import classifier_pb2_grpc as pb_grpc

@@ -14,6 +14,7 @@ import grpc
 import pytest
 from conftest import SYNSETS, request_of
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+
 from mobiserve.v1 import classifier_pb2 as pb
 from mobiserve.v1 import classifier_pb2_grpc as pb_grpc
 

@@ -15,6 +15,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import card_pipeline, encode
+from PIL import Image
+from test_bad_input import png_bomb
+
 from mobiserve.client import (
     AsyncClient,
     Classification,
@@ -28,8 +31,6 @@ from mobiserve.client import (
     RetryPolicy,
 )
 from mobiserve.server.app import App
-from PIL import Image
-from test_bad_input import png_bomb
 
 
 def target_of(server: App) -> str:

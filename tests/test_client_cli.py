@@ -12,9 +12,10 @@ from pathlib import Path
 
 import pytest
 from conftest import SYNSETS
+from serverproc import MOBISERVE, free_port
+
 from mobiserve.client import AsyncClient
 from mobiserve.server.app import App
-from serverproc import MOBISERVE, free_port
 
 
 async def run(*args: str, env: dict[str, str] | None = None) -> tuple[int, str, str]:

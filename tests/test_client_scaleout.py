@@ -13,8 +13,9 @@ import numpy as np
 import pytest
 import serverproc
 from conftest import SYNSETS
-from mobiserve.client import Client, RetryPolicy, Unavailable
 from prometheus_client.parser import text_string_to_metric_families
+
+from mobiserve.client import Client, RetryPolicy, Unavailable
 
 # Reconnect quickly once a server appears; gRPC's default waits 1 s, then 1.6 s, 2.6 s, ...
 FAST_RECONNECT = [("grpc.initial_reconnect_backoff_ms", 100), ("grpc.max_reconnect_backoff_ms", 500)]

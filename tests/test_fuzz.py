@@ -21,9 +21,10 @@ import pytest
 from conftest import encode, request_of
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from PIL import Image
+
 from mobiserve.server.processing.preprocess import ImageLimits, InvalidImage, preprocess_encoded
 from mobiserve.v1 import classifier_pb2_grpc as pb_grpc
-from PIL import Image
 
 EXAMPLES = int(os.environ.get("MOBISERVE_FUZZ_EXAMPLES", "1000"))
 # a smaller pixel limit than the server's default keeps each example fast; the code path is the same

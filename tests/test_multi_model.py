@@ -16,6 +16,7 @@ import grpc
 import pytest
 import pytest_asyncio
 from conftest import model_config, request_of, start_server
+
 from mobiserve.server.app import App
 from mobiserve.v1 import classifier_pb2 as pb
 from mobiserve.v1 import classifier_pb2_grpc as pb_grpc

@@ -7,9 +7,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import card_pipeline, encode
+from PIL import Image
+
 from mobiserve.server.processing.normalize import assemble
 from mobiserve.server.processing.preprocess import ImageLimits, InvalidImage, decode, preprocess_encoded
-from PIL import Image
 
 LIMITS = ImageLimits()
 

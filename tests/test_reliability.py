@@ -22,12 +22,13 @@ import pytest
 import pytest_asyncio
 from conftest import encode, model_config, request_of, start_server
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from PIL import Image
+from test_bad_input import png_bomb
+
 from mobiserve.server.app import App
 from mobiserve.server.transport.servicer import SHUTTING_DOWN
 from mobiserve.v1 import classifier_pb2 as pb
 from mobiserve.v1 import classifier_pb2_grpc as pb_grpc
-from PIL import Image
-from test_bad_input import png_bomb
 
 QUEUE_LIMIT = 8  # images
 MAX_IMAGES = 8

@@ -15,9 +15,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
+
 from mobiserve.server.processing import resize
 from mobiserve.server.processing.resize import center_crop_resize, resize_crop
-from PIL import Image
 
 SHARED = Path(os.environ.get("MOBISERVE_SHARED", Path(__file__).resolve().parents[1].parent / "shared"))
 SAMPLE = SHARED / "data" / "imagenet-sample"

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 from conftest import SYNSETS
+
 from mobiserve.server.processing.labels import Labels
 from mobiserve.server.processing.preprocess import ImageLimits, preprocess_encoded
 from mobiserve.server.runtime.model import Model

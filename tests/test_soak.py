@@ -26,10 +26,11 @@ import pytest
 import pytest_asyncio
 import serverproc
 from conftest import SYNSETS, request_of
+from test_bad_input import png_bomb
+
 from mobiserve.server.transport.servicer import SHUTTING_DOWN
 from mobiserve.v1 import classifier_pb2 as pb
 from mobiserve.v1 import classifier_pb2_grpc as pb_grpc
-from test_bad_input import png_bomb
 
 SOAK_SECONDS = float(os.environ.get("MOBISERVE_SOAK_SECONDS", "30"))
 STREAMS, UNARY_CALLERS = 64, 16

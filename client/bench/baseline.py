@@ -24,12 +24,13 @@ from typing import Any
 
 import numpy as np
 import onnxruntime as ort
+from PIL import Image
+
 from mobiserve.server.app import load_model
 from mobiserve.server.config import ModelConfig
 from mobiserve.server.processing.normalize import assemble
 from mobiserve.server.processing.preprocess import ImageLimits, preprocess_encoded
 from mobiserve.server.runtime.session import SessionTuning, open_session
-from PIL import Image
 
 CARD_BATCH = 16
 LATENCY_IMAGES = 60

@@ -158,9 +158,10 @@ def run(args: argparse.Namespace) -> None:
 
 
 def _sweep(workload: Workload, loads: list[Load], server: str, cores: int, pid: int | None) -> list[StepResult]:
+    from tqdm import tqdm
+
     from mobiserve.client.bench.loadgen import run_step
     from mobiserve.client.bench.servers import cpu_seconds
-    from tqdm import tqdm
 
     steps = []
     for load in loads:
@@ -280,6 +281,7 @@ def _model_info(target: str, model: str) -> dict[str, Any]:
     """ListModels' entry for the model the load asks for; {} if the server does not list models."""
     import grpc
     from google.protobuf.json_format import MessageToDict
+
     from mobiserve.client.bench.loadgen import CHANNEL_OPTIONS
     from mobiserve.v1 import classifier_pb2 as pb
     from mobiserve.v1 import classifier_pb2_grpc as pb_grpc

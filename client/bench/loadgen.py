@@ -26,9 +26,10 @@ from typing import Any
 
 import grpc
 import numpy as np
+from tqdm import tqdm
+
 from mobiserve.v1 import classifier_pb2 as pb
 from mobiserve.v1 import classifier_pb2_grpc as pb_grpc
-from tqdm import tqdm
 
 TENSOR_INPUTS = 64  # distinct float32 inputs per worker in --tensor mode (600 KB each)
 CHANNEL_OPTIONS = [

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+
 from mobiserve.client.bench.loadgen import BenchError
 
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "[::1]")

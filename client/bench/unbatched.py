@@ -20,6 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
 from mobiserve.server.config import IMAGENET_SYNSETS, ModelConfig
 from mobiserve.server.metrics import Metrics
 from mobiserve.server.processing.labels import Labels

@@ -18,9 +18,10 @@ from dataclasses import dataclass
 
 import numpy as np
 import simplejpeg
+from PIL import Image, UnidentifiedImageError
+
 from mobiserve.server.errors import InvalidInput
 from mobiserve.server.processing.resize import center_crop_resize
-from PIL import Image, UnidentifiedImageError
 
 INPUT_SIZE = 224
 RESIZE_SHORTER = 256

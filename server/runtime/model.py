@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
+
 from mobiserve.server.errors import ModelLoadError
 from mobiserve.server.processing.labels import Labels
 from mobiserve.server.processing.normalize import assemble

@@ -16,6 +16,7 @@ import time
 from collections.abc import AsyncIterator, Iterable
 
 import grpc
+
 from mobiserve.server.errors import DeadlineExceeded, Unavailable
 from mobiserve.server.metrics import Metrics
 from mobiserve.server.serving import Classified, ModelRegistry

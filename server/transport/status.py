@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import grpc
+
 from mobiserve.server import errors
 
 _CODES: list[tuple[type[Exception], grpc.StatusCode]] = [

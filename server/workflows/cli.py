@@ -169,6 +169,7 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 def _quantize(args: argparse.Namespace) -> int:
     import numpy as np
+
     from mobiserve.server.errors import ModelLoadError
     from mobiserve.server.processing.labels import Labels
     from mobiserve.server.processing.preprocess import ImageLimits

@@ -18,11 +18,12 @@ from pathlib import Path
 from typing import TypeVar
 
 import numpy as np
+from tqdm import tqdm
+
 from mobiserve.server.errors import InvalidInput
 from mobiserve.server.processing.preprocess import ImageLimits, preprocess_encoded
 from mobiserve.server.runtime.model import Model
 from mobiserve.server.workflows.dataset import LabelledImage
-from tqdm import tqdm
 
 K = TypeVar("K")
 T = TypeVar("T")

@@ -24,11 +24,12 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-from mobiserve.server.processing.normalize import assemble
 from onnx import version_converter
 from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static
 from onnxruntime.quantization.shape_inference import quant_pre_process
 from tqdm import tqdm
+
+from mobiserve.server.processing.normalize import assemble
 
 METHODS = {
     "minmax": CalibrationMethod.MinMax,
