@@ -21,6 +21,7 @@ import pytest
 import pytest_asyncio
 import serverproc
 from conftest import SYNSETS, request_of
+
 from mobiserve.v1 import classifier_pb2_grpc as pb_grpc
 
 # The client's connection preface: the HTTP/2 magic and an empty SETTINGS frame, then nothing.
