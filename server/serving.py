@@ -18,7 +18,7 @@ import numpy as np
 
 from mobiserve.server.batching import Batched, Batcher
 from mobiserve.server.config import ModelConfig
-from mobiserve.server.errors import DeadlineExceeded, InvalidInput, ModelNotFound
+from mobiserve.server.errors import DeadlineExceeded, InvalidInput, ModelNotFound, shown
 from mobiserve.server.processing.labels import Labels
 from mobiserve.server.processing.preprocess import ImageLimits, preprocess_encoded, preprocess_tensor
 from mobiserve.server.runtime.model import Model
@@ -220,7 +220,9 @@ class ModelRegistry:
         try:
             return self.models[name or self.default]
         except KeyError:
-            raise ModelNotFound(f"model {name!r} not found; this server serves: {', '.join(self.models)}") from None
+            raise ModelNotFound(
+                f"model {shown(name)} not found; this server serves: {', '.join(self.models)}"
+            ) from None
 
     def __iter__(self) -> Iterator[Servable]:
         return iter(self.models.values())

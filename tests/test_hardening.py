@@ -7,6 +7,7 @@ Every test here bounds its own time; the ones past ~5 s are marked slow.
 from __future__ import annotations
 
 import asyncio
+import logging
 import signal
 import socket
 import subprocess
@@ -22,6 +23,7 @@ import pytest_asyncio
 import serverproc
 from conftest import SYNSETS, request_of
 
+from mobiserve.v1 import classifier_pb2 as pb
 from mobiserve.v1 import classifier_pb2_grpc as pb_grpc
 
 # The client's connection preface: the HTTP/2 magic and an empty SETTINGS frame, then nothing.
@@ -185,3 +187,46 @@ def test_connection_flags_and_toml_keys_reach_the_grpc_server(tmp_path: Path, in
     assert defaults["grpc.http2.min_ping_interval_without_data_ms"] <= KeepAlive().time_ms
     with pytest.raises(ValueError, match="keepalive_time_s must be positive"):
         ServerConfig(models=config.models, keepalive_time_s=0)
+
+
+# ---------------------------------------------------------------------- what is echoed back
+
+
+@pytest.mark.parametrize(
+    ("case", "code", "words"),
+    [
+        ("16 KiB model name", grpc.StatusCode.NOT_FOUND, "not found; this server serves: int8"),
+        ("1 MiB dtype", grpc.StatusCode.INVALID_ARGUMENT, "tensor dtype must be 'uint8' or 'float32'"),
+        ("100k-value shape", grpc.StatusCode.INVALID_ARGUMENT, "uint8 tensor must have shape [H, W, 3]"),
+    ],
+)
+async def test_huge_client_strings_are_quoted_short_in_status_messages(
+    stub: pb_grpc.ClassifierStub,
+    jpeg: bytes,
+    caplog: pytest.LogCaptureFixture,
+    case: str,
+    code: grpc.StatusCode,
+    words: str,
+) -> None:
+    requests = {
+        "16 KiB model name": request_of(jpeg, model="m" * 16384, request_id="r" * 100_000),
+        "1 MiB dtype": pb.ClassifyRequest(images=[pb.Image(tensor=pb.Tensor(shape=[8, 8, 3], dtype="x" * (1 << 20)))]),
+        "100k-value shape": pb.ClassifyRequest(
+            images=[pb.Image(tensor=pb.Tensor(shape=[1] * 100_000, dtype="uint8"))], request_id="r" * 100_000
+        ),
+    }
+    with caplog.at_level(logging.DEBUG, logger="mobiserve"):
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await stub.Classify(requests[case], timeout=30)
+        call = stub.ClassifyStream(timeout=30)
+        await call.write(requests[case])
+        answer = await call.read()
+        await call.done_writing()
+        assert await call.code() == grpc.StatusCode.OK
+    details = err.value.details() or ""
+    assert err.value.code() == code, details[:200]
+    assert words in details and len(details) < 300, details[:400]
+    assert "..." in details  # says it was cut, and how long the value was
+    assert answer.error.code == code.value[0] and answer.error.message == details
+    lines = [r.getMessage() for r in caplog.records if "event=request_failed" in r.getMessage()]
+    assert lines and all(len(line) < 1000 for line in lines), [len(line) for line in lines]

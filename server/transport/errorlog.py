@@ -16,6 +16,8 @@ from dataclasses import dataclass
 
 import grpc
 
+from mobiserve.server.errors import shown
+
 CLIENT_MISTAKES = frozenset({grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND, grpc.StatusCode.CANCELLED})
 SERVER_FAULTS = frozenset({grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN, grpc.StatusCode.DATA_LOSS})
 
@@ -60,11 +62,11 @@ class ErrorLog:
         if self._log.isEnabledFor(level):
             self._log.log(
                 level,
-                "event=request_failed model=%s method=%s code=%s request_id=%r message=%r",
+                "event=request_failed model=%s method=%s code=%s request_id=%s message=%r",
                 model,
                 method,
                 code.name,
-                request_id,
+                shown(request_id),
                 message,
                 exc_info=exc,
             )

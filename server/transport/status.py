@@ -1,4 +1,7 @@
-"""The one place domain errors become gRPC status codes. Pure: the servicer does the logging."""
+"""The one place domain errors become gRPC status codes. Pure: the servicer does the logging.
+
+Messages are capped in length: they travel in the call's trailers, and a trailer over gRPC's
+metadata limit would replace the status with RESOURCE_EXHAUSTED on the client."""
 
 from __future__ import annotations
 
@@ -20,8 +23,8 @@ def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     """(code, message) for an exception; anything unexpected is INTERNAL."""
     for kind, code in _CODES:
         if isinstance(exc, kind):
-            return code, str(exc)
-    return grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}"
+            return code, errors.capped(str(exc))
+    return grpc.StatusCode.INTERNAL, errors.capped(f"internal error: {type(exc).__name__}: {exc}")
 
 
 def is_unexpected(exc: BaseException) -> bool:
