@@ -29,9 +29,8 @@ from mobiserve.server.runtime.model import Model
 from mobiserve.server.runtime.session import SessionTuning
 from mobiserve.server.serving import ModelRegistry, ServedModel
 from mobiserve.server.transport.connections import connection_options
-from mobiserve.server.transport.servicer import ClassifierServicer
+from mobiserve.server.transport.servicer import ClassifierServicer, register
 from mobiserve.v1 import classifier_pb2 as pb
-from mobiserve.v1 import classifier_pb2_grpc as pb_grpc
 
 log = logging.getLogger("mobiserve.server")
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Classifier"].full_name  # "mobiserve.v1.Classifier"
@@ -138,7 +137,7 @@ async def create_app(config: ServerConfig) -> App:
     for model in config.models:
         metrics.model_ready.labels(model.name).set(0)  # the series exists (at 0) while loading
     servicer = ClassifierServicer(metrics, config.default_timeout_s, (m.name for m in config.models))
-    pb_grpc.add_ClassifierServicer_to_server(servicer, server)
+    register(servicer, server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(

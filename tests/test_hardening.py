@@ -23,6 +23,7 @@ import pytest_asyncio
 import serverproc
 from conftest import SYNSETS, request_of
 
+from mobiserve.server.app import App
 from mobiserve.v1 import classifier_pb2 as pb
 from mobiserve.v1 import classifier_pb2_grpc as pb_grpc
 
@@ -230,3 +231,79 @@ async def test_huge_client_strings_are_quoted_short_in_status_messages(
     assert answer.error.code == code.value[0] and answer.error.message == details
     lines = [r.getMessage() for r in caplog.records if "event=request_failed" in r.getMessage()]
     assert lines and all(len(line) < 1000 for line in lines), [len(line) for line in lines]
+
+
+# ------------------------------------------------------------------- requests protobuf rejects
+
+
+def with_raw_field(request: pb.ClassifyRequest, number: int, value: bytes) -> bytes:
+    """The request's wire bytes plus a length-delimited field: how a client writes invalid UTF-8
+    into a string field (protobuf's Python API refuses to)."""
+    assert len(value) < 128
+    return request.SerializeToString() + bytes([number << 3 | 2, len(value)]) + value
+
+
+BAD_UTF8 = b"\xff\xfe-not-utf8"
+CORRUPT = bytes([4 << 3 | 2, 100]) + b"short"  # a field longer than the message
+
+
+def counted(app: App, code: str, method: str, model: str = "int8") -> float:
+    labels = {"model": model, "method": method, "code": code}
+    return app.metrics.registry.get_sample_value("mobiserve_requests_total", labels) or 0.0
+
+
+async def test_undecodable_requests_are_invalid_argument_counted_and_quiet(
+    server: App, channel: grpc.aio.Channel, jpeg: bytes, caplog: pytest.LogCaptureFixture
+) -> None:
+    classify = channel.unary_unary("/mobiserve.v1.Classifier/Classify")  # raw bytes both ways
+    before = (
+        counted(server, "INVALID_ARGUMENT", "Classify"),
+        counted(server, "INVALID_ARGUMENT", "Classify", "(unknown)"),
+    )
+    bad_id = with_raw_field(request_of(jpeg), 4, BAD_UTF8)
+    bad_model = with_raw_field(request_of(jpeg), 1, BAD_UTF8)
+    with caplog.at_level(logging.DEBUG, logger="mobiserve"):
+        codes = []
+        for data in [bad_id] * 200 + [bad_model, CORRUPT]:
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await classify(data, timeout=30)
+            codes.append(err.value.code())
+            details = err.value.details() or ""
+    assert set(codes) == {grpc.StatusCode.INVALID_ARGUMENT}
+    assert "not a valid ClassifyRequest" in details
+    after = (
+        counted(server, "INVALID_ARGUMENT", "Classify"),
+        counted(server, "INVALID_ARGUMENT", "Classify", "(unknown)"),
+    )
+    assert after[0] - before[0] == 201 and after[1] - before[1] == 1  # the bad model name is no model
+    records = [r for r in caplog.records if r.levelno >= logging.DEBUG]
+    assert not [r for r in records if r.levelno >= logging.WARNING], [r.getMessage()[:200] for r in records][:3]
+    assert len([r for r in records if "event=request_failed" in r.getMessage()]) < 20  # throttled, not 202
+
+
+async def test_an_undecodable_message_in_a_stream_gets_an_error_answer_and_the_stream_goes_on(
+    channel: grpc.aio.Channel, jpeg: bytes
+) -> None:
+    stream = channel.stream_stream(
+        "/mobiserve.v1.Classifier/ClassifyStream", response_deserializer=pb.ClassifyResponse.FromString
+    )
+    call = stream(timeout=60)
+    sent = {
+        "good-1": request_of(jpeg, request_id="good-1").SerializeToString(),
+        "bad-model": with_raw_field(request_of(jpeg, request_id="bad-model"), 1, BAD_UTF8),
+        "\ufffd\ufffd-not-utf8": with_raw_field(request_of(jpeg), 4, BAD_UTF8),
+        "": CORRUPT,
+        "good-2": request_of(jpeg, request_id="good-2").SerializeToString(),
+    }
+    for data in sent.values():
+        await call.write(data)
+    await call.done_writing()
+    answers = {a.request_id: a async for a in call}
+    assert await call.code() == grpc.StatusCode.OK
+    assert set(answers) == set(sent)
+    for request_id, answer in answers.items():
+        if request_id.startswith("good"):
+            assert not answer.HasField("error") and len(answer.results) == 1
+        else:
+            assert answer.error.code == grpc.StatusCode.INVALID_ARGUMENT.value[0], answer.error
+            assert "not a valid ClassifyRequest" in answer.error.message

@@ -17,10 +17,11 @@ from collections.abc import AsyncIterator, Iterable
 
 import grpc
 
-from mobiserve.server.errors import DeadlineExceeded, Unavailable
+from mobiserve.server.errors import DeadlineExceeded, InvalidInput, Unavailable
 from mobiserve.server.metrics import Metrics
 from mobiserve.server.serving import Classified, ModelRegistry
 from mobiserve.server.transport.convert import images_of, model_info, response_of
+from mobiserve.server.transport.decode import Undecodable, lenient
 from mobiserve.server.transport.drain import CallGate
 from mobiserve.server.transport.errorlog import ErrorLog
 from mobiserve.server.transport.status import is_unexpected, status_of
@@ -31,8 +32,38 @@ log = logging.getLogger(__name__)
 
 STREAM_WINDOW = 128  # requests in flight per stream; past it we stop reading (HTTP/2 flow control pushes back)
 SHUTTING_DOWN = "the server is shutting down; send the request to another instance or retry shortly"
+SERVICE = pb.DESCRIPTOR.services_by_name["Classifier"].full_name  # "mobiserve.v1.Classifier"
 DEFAULT_LABEL = "(default)"  # metrics/log label of a request naming no model, before one is resolved
 UNKNOWN_LABEL = "(unknown)"  # ... naming a model this server does not serve: labels stay a bounded set
+
+
+Request = pb.ClassifyRequest | Undecodable  # what gRPC hands the servicer (transport/decode.py)
+
+
+def register(servicer: ClassifierServicer, server: grpc.aio.Server) -> None:
+    """Add the servicer to the server, as the generated `add_ClassifierServicer_to_server` does,
+    but with request deserializers that never raise: a message protobuf cannot parse reaches the
+    servicer as Undecodable and gets INVALID_ARGUMENT (in a stream: an error answer, and the
+    stream goes on), instead of UNKNOWN from inside gRPC and, in a stream, the end of the stream."""
+    handlers = {
+        "Classify": grpc.unary_unary_rpc_method_handler(
+            servicer.Classify,
+            request_deserializer=lenient(pb.ClassifyRequest, "ClassifyRequest"),
+            response_serializer=pb.ClassifyResponse.SerializeToString,
+        ),
+        "ClassifyStream": grpc.stream_stream_rpc_method_handler(
+            servicer.ClassifyStream,
+            request_deserializer=lenient(pb.ClassifyRequest, "ClassifyRequest"),
+            response_serializer=pb.ClassifyResponse.SerializeToString,
+        ),
+        "ListModels": grpc.unary_unary_rpc_method_handler(
+            servicer.ListModels,
+            request_deserializer=lenient(pb.ListModelsRequest, "ListModelsRequest"),
+            response_serializer=pb.ListModelsResponse.SerializeToString,
+        ),
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
+    server.add_registered_method_handlers(SERVICE, handlers)
 
 
 class Failed(Exception):
@@ -60,7 +91,7 @@ class ClassifierServicer(pb_grpc.ClassifierServicer):
         for reader in list(self._readers):
             reader.cancel()
 
-    async def Classify(self, request: pb.ClassifyRequest, context: grpc.aio.ServicerContext) -> pb.ClassifyResponse:
+    async def Classify(self, request: Request, context: grpc.aio.ServicerContext) -> pb.ClassifyResponse:
         remaining = context.time_remaining()
         deadline = time.monotonic() + (self.default_timeout_s if remaining is None else remaining)
         with self.gate.call():
@@ -82,7 +113,7 @@ class ClassifierServicer(pb_grpc.ClassifierServicer):
                 raise  # unreachable: abort raises
 
     async def ClassifyStream(
-        self, request_iterator: AsyncIterator[pb.ClassifyRequest], context: grpc.aio.ServicerContext
+        self, request_iterator: AsyncIterator[Request], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.ClassifyResponse]:
         """Pipelined: up to STREAM_WINDOW requests in flight, answered in completion order."""
         with self.gate.call():
@@ -93,13 +124,13 @@ class ClassifierServicer(pb_grpc.ClassifierServicer):
                     yield response
 
     async def _stream(
-        self, request_iterator: AsyncIterator[pb.ClassifyRequest], context: grpc.aio.ServicerContext
+        self, request_iterator: AsyncIterator[Request], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.ClassifyResponse]:
         answers: asyncio.Queue[pb.ClassifyResponse | None] = asyncio.Queue()
         window = asyncio.Semaphore(STREAM_WINDOW)
         handlers: set[asyncio.Task[None]] = set()
 
-        async def answer(request: pb.ClassifyRequest) -> None:
+        async def answer(request: Request) -> None:
             # Each message gets the default timeout. A stream deadline ends the whole call: gRPC
             # cancels this handler then, which drops whatever the stream still has queued.
             deadline = time.monotonic() + self.default_timeout_s
@@ -153,8 +184,10 @@ class ClassifierServicer(pb_grpc.ClassifierServicer):
                 task.cancel()
 
     async def ListModels(
-        self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext
+        self, request: pb.ListModelsRequest | Undecodable, context: grpc.aio.ServicerContext
     ) -> pb.ListModelsResponse:
+        if isinstance(request, Undecodable):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.reason)
         registry = self.registry
         if registry is None:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "models are still loading")
@@ -163,7 +196,7 @@ class ClassifierServicer(pb_grpc.ClassifierServicer):
 
     async def _classify(
         self,
-        request: pb.ClassifyRequest,
+        request: Request,
         method: str,
         deadline: float,
         context: grpc.aio.ServicerContext,
@@ -179,6 +212,8 @@ class ClassifierServicer(pb_grpc.ClassifierServicer):
         label = self._label(request.model)
         code = grpc.StatusCode.OK
         try:
+            if isinstance(request, Undecodable):
+                raise InvalidInput(request.reason)
             if refuse:
                 raise Unavailable(SHUTTING_DOWN)
             if self.registry is None:
