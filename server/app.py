@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from mobiserve.server.config import ModelConfig, ServerConfig
@@ -29,6 +29,8 @@ from mobiserve.server.runtime.model import Model
 from mobiserve.server.runtime.session import SessionTuning
 from mobiserve.server.serving import ModelRegistry, ServedModel
 from mobiserve.server.transport.connections import connection_options
+from mobiserve.server.transport.drain import HANDOFF_MAX_S
+from mobiserve.server.transport.health import HealthServicer
 from mobiserve.server.transport.servicer import ClassifierServicer, register
 from mobiserve.v1 import classifier_pb2 as pb
 
@@ -50,7 +52,7 @@ class App:
     config: ServerConfig
     server: grpc.aio.Server
     port: int
-    health: health.aio.HealthServicer
+    health: HealthServicer
     servicer: ClassifierServicer
     metrics: Metrics
     preprocess_pool: ThreadPoolExecutor
@@ -95,27 +97,36 @@ class App:
         return registry
 
     async def stop(self, grace_s: float | None = None) -> None:
-        """Drain: NOT_SERVING, refuse new RPCs, finish queued and in-flight work, close.
+        """Drain: NOT_SERVING, refuse new RPCs, answer what was accepted, exit.
 
-        Open streams answer every message they have read and end with UNAVAILABLE; unary calls
-        are served while the backlog of before the signal is worked off, then refused with
-        UNAVAILABLE; the port closes once all is quiet (transport/drain.py says why). Whatever is
-        still running after the grace period is cancelled."""
+        A call arriving from now on is refused with UNAVAILABLE (safe to retry elsewhere); open
+        streams answer every message they have read and end with UNAVAILABLE; unary calls in
+        flight are answered. Answers wait for GOAWAY, which goes out (and the port closes)
+        once gRPC has handed every call it holds to the servicer, within HANDOFF_MAX_S of the
+        signal; transport/drain.py says why. The server exits as soon as what it accepted is
+        answered, whatever its clients still send. What still runs after the grace period is
+        cancelled."""
         grace = self.config.grace_s if grace_s is None else grace_s
         loop = asyncio.get_running_loop()
         end = loop.time() + grace
         log.info("event=draining grace_s=%.1f", grace)
+        gate = self.servicer.gate
+        self.servicer.drain()
         await self.health.enter_graceful_shutdown()
         for model in self.served:
             self.metrics.model_ready.labels(model.name).set(0)
-        self.servicer.drain()
+        await gate.wait_handed_over(max_s=min(HANDOFF_MAX_S, grace))
+        self.health.end_watches()  # they have sent NOT_SERVING; left open, they would hold stop()
+        stopping = asyncio.ensure_future(self.server.stop(max(0.0, end - loop.time())))
+        await asyncio.sleep(0)  # stop() sends GOAWAY and closes the port in its first step
+        gate.close()  # now the answers go out
         try:
-            await asyncio.wait_for(self.servicer.gate.wait_quiet(), grace)
+            await asyncio.wait_for(gate.wait_accepted(), max(0.0, end - loop.time()))
         except TimeoutError:
             log.warning(
                 "event=grace_expired message=%r", "requests still in flight after the grace period are cancelled"
             )
-        await self.server.stop(max(0.0, end - loop.time()))
+        await stopping
         for model in self.served:
             await model.close()
             log.info("event=model_unloaded model=%s", model.name)
@@ -138,7 +149,7 @@ async def create_app(config: ServerConfig) -> App:
         metrics.model_ready.labels(model.name).set(0)  # the series exists (at 0) while loading
     servicer = ClassifierServicer(metrics, config.default_timeout_s, (m.name for m in config.models))
     register(servicer, server)
-    health_servicer = health.aio.HealthServicer()
+    health_servicer = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
         (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server

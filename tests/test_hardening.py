@@ -14,6 +14,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from collections import Counter
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -307,3 +308,52 @@ async def test_an_undecodable_message_in_a_stream_gets_an_error_answer_and_the_s
         else:
             assert answer.error.code == grpc.StatusCode.INVALID_ARGUMENT.value[0], answer.error
             assert "not a valid ClassifyRequest" in answer.error.message
+
+
+# ------------------------------------------------------------------------------------- drain
+
+
+@pytest.mark.slow
+async def test_callers_that_keep_sending_do_not_hold_a_draining_server_open(int8_model: Path, jpeg: bytes) -> None:
+    """200 callers that resend at once whatever is refused, through SIGTERM with a 60 s grace:
+    the server exits once what it accepted is answered, not when the callers fall silent (they
+    never do) or the grace runs out; every call ends OK or UNAVAILABLE (retryable), none CANCELLED."""
+    proc = await asyncio.to_thread(
+        serverproc.start, "--model", f"int8={int8_model}", "--synsets", str(SYNSETS), "--grace-period", "60"
+    )
+    outcomes: Counter[str] = Counter()
+    signalled = asyncio.Event()
+    exited = asyncio.Event()
+    try:
+        async with grpc.aio.insecure_channel(proc.target) as channel:
+            stub = pb_grpc.ClassifierStub(channel)
+
+            async def caller() -> None:
+                for _ in range(100_000):  # bounded; ends when the server is gone
+                    if exited.is_set():
+                        return
+                    try:
+                        await stub.Classify(request_of(jpeg), timeout=30)
+                        outcomes["OK after signal" if signalled.is_set() else "OK"] += 1
+                    except grpc.aio.AioRpcError as e:
+                        outcomes[e.code().name] += 1
+                        await asyncio.sleep(0.001)  # and send it again
+
+            callers = [asyncio.create_task(caller()) for _ in range(200)]
+            while outcomes["OK"] < 200:  # under load, by count
+                await asyncio.sleep(0.05)
+            signalled.set()
+            sent_at = time.monotonic()
+            proc.signal(signal.SIGTERM)
+            code = await asyncio.to_thread(proc.wait, 60)
+            took = time.monotonic() - sent_at
+            exited.set()
+            await asyncio.wait_for(asyncio.gather(*callers), 60)
+    finally:
+        proc.kill()
+    print(f"\nexit {took:.2f} s after SIGTERM; {dict(outcomes)}")
+    assert code == 0, proc.log[-2000:]
+    assert "event=grace_expired" not in proc.log
+    assert took < 15, f"exit {took:.1f} s after SIGTERM with callers still sending"  # the grace is 60 s
+    assert outcomes["UNAVAILABLE"] > 0 and outcomes["CANCELLED"] == 0, outcomes
+    assert set(outcomes) <= {"OK", "OK after signal", "UNAVAILABLE"}, outcomes

@@ -4,7 +4,7 @@ Every request or stream message is counted once in `mobiserve_requests_total` wi
 got, and failures other than plain client mistakes are logged with its request id (throttled).
 `drain()` is the servicer's part of a graceful shutdown: each open stream stops reading, answers
 every message it has read, then ends with UNAVAILABLE so the client knows to send the rest
-elsewhere; new unary calls are served while the server catches up, then refused (`drain.py`).
+elsewhere; a call that arrives afterwards is refused with UNAVAILABLE at once (`drain.py`).
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ from mobiserve.v1 import classifier_pb2_grpc as pb_grpc
 log = logging.getLogger(__name__)
 
 STREAM_WINDOW = 128  # requests in flight per stream; past it we stop reading (HTTP/2 flow control pushes back)
+ANSWER_MARGIN_S = 0.05  # a held answer goes out this long before its call's deadline at the latest
 SHUTTING_DOWN = "the server is shutting down; send the request to another instance or retry shortly"
 SERVICE = pb.DESCRIPTOR.services_by_name["Classifier"].full_name  # "mobiserve.v1.Classifier"
 DEFAULT_LABEL = "(default)"  # metrics/log label of a request naming no model, before one is resolved
@@ -96,12 +97,12 @@ class ClassifierServicer(pb_grpc.ClassifierServicer):
         deadline = time.monotonic() + (self.default_timeout_s if remaining is None else remaining)
         with self.gate.call():
             try:
-                return await self._classify(
+                response = await self._classify(
                     request,
                     "Classify",
                     deadline,
                     context,
-                    refuse=self.gate.refusing,
+                    refuse=self.gate.draining,
                     enforce_deadline=remaining is None,
                 )
             except Failed as failed:
@@ -109,8 +110,11 @@ class ClassifierServicer(pb_grpc.ClassifierServicer):
                     # gRPC is ending the call with DEADLINE_EXCEEDED itself; a status sent now
                     # would race it (and gRPC would log the lost race as an error)
                     raise asyncio.CancelledError() from None
+                await self._until_port_closed(context)
                 await context.abort(failed.code, failed.message)
                 raise  # unreachable: abort raises
+            await self._until_port_closed(context)
+            return response
 
     async def ClassifyStream(
         self, request_iterator: AsyncIterator[Request], context: grpc.aio.ServicerContext
@@ -118,6 +122,7 @@ class ClassifierServicer(pb_grpc.ClassifierServicer):
         """Pipelined: up to STREAM_WINDOW requests in flight, answered in completion order."""
         with self.gate.call():
             if self.gate.draining:
+                await self._until_port_closed(context)
                 await context.abort(grpc.StatusCode.UNAVAILABLE, SHUTTING_DOWN)
             async with contextlib.aclosing(self._stream(request_iterator, context)) as responses:
                 async for response in responses:  # closed with this generator: tasks end at once
@@ -174,6 +179,7 @@ class ClassifierServicer(pb_grpc.ClassifierServicer):
         try:
             while (response := await answers.get()) is not None:
                 yield response
+            await self._until_port_closed(context)
             await asyncio.wait({reader})
             if reader.cancelled():  # only drain() cancels it while the stream is being served
                 await context.abort(grpc.StatusCode.UNAVAILABLE, SHUTTING_DOWN)
@@ -182,6 +188,13 @@ class ClassifierServicer(pb_grpc.ClassifierServicer):
             reader.cancel()
             for task in list(handlers):
                 task.cancel()
+
+    async def _until_port_closed(self, context: grpc.aio.ServicerContext) -> None:
+        """While draining, hold an answer (or the end of a stream) until GOAWAY is out, so the
+        client learns this server is going before it can send its next call (drain.py)."""
+        if self.gate.draining:
+            remaining = context.time_remaining()
+            await self.gate.port_closed(None if remaining is None else remaining - ANSWER_MARGIN_S)
 
     async def ListModels(
         self, request: pb.ListModelsRequest | Undecodable, context: grpc.aio.ServicerContext
