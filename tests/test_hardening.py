@@ -25,6 +25,7 @@ import serverproc
 from conftest import SYNSETS, request_of
 
 from mobiserve.server.app import App
+from mobiserve.server.transport.errorlog import ErrorLog
 from mobiserve.v1 import classifier_pb2 as pb
 from mobiserve.v1 import classifier_pb2_grpc as pb_grpc
 
@@ -231,7 +232,15 @@ async def test_huge_client_strings_are_quoted_short_in_status_messages(
     assert "..." in details  # says it was cut, and how long the value was
     assert answer.error.code == code.value[0] and answer.error.message == details
     lines = [r.getMessage() for r in caplog.records if "event=request_failed" in r.getMessage()]
-    assert lines and all(len(line) < 1000 for line in lines), [len(line) for line in lines]
+    assert all(len(line) < 1000 for line in lines), [len(line) for line in lines]  # (throttled: maybe none)
+
+
+def test_a_huge_request_id_is_cut_in_the_log_line(caplog: pytest.LogCaptureFixture) -> None:
+    errors = ErrorLog(logging.getLogger("mobiserve.test.hardening"))
+    with caplog.at_level(logging.DEBUG, logger="mobiserve.test.hardening"):
+        errors.failed(grpc.StatusCode.NOT_FOUND, "no such model", model="m", method="Classify", request_id="r" * 10**6)
+    (line,) = [r.getMessage() for r in caplog.records]
+    assert "request_id='rrrr" in line and "(1000000 characters)" in line and len(line) < 300, line[:400]
 
 
 # ------------------------------------------------------------------- requests protobuf rejects
