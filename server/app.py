@@ -23,6 +23,7 @@ from grpc_reflection.v1alpha import reflection
 
 from mobiserve.server.config import ModelConfig, ServerConfig
 from mobiserve.server.metrics import Metrics
+from mobiserve.server.metrics_http import MetricsServer
 from mobiserve.server.processing.labels import Labels
 from mobiserve.server.processing.preprocess import ImageLimits
 from mobiserve.server.runtime.model import Model
@@ -56,6 +57,7 @@ class App:
     servicer: ClassifierServicer
     metrics: Metrics
     preprocess_pool: ThreadPoolExecutor
+    metrics_server: MetricsServer | None = None
     served: list[ServedModel] = field(default_factory=list)
 
     async def load(self) -> ModelRegistry:
@@ -131,7 +133,8 @@ class App:
             await model.close()
             log.info("event=model_unloaded model=%s", model.name)
         self.preprocess_pool.shutdown(wait=False, cancel_futures=True)
-        await asyncio.to_thread(self.metrics.close_http)
+        if self.metrics_server is not None:
+            await self.metrics_server.close()
         log.info("event=stopped")
 
 
@@ -164,10 +167,11 @@ async def create_app(config: ServerConfig) -> App:
         port = 0
     if port == 0:
         raise OSError(f"cannot bind {address}: the port is in use or the address is not on this machine")
-    metrics_port = 0
+    metrics_port, metrics_server = 0, None
     if config.metrics_port:
+        metrics_server = MetricsServer(metrics.registry)
         try:
-            metrics_port = metrics.serve_http(config.host, config.metrics_port)
+            metrics_port = await metrics_server.start(config.host, config.metrics_port)
         except OSError as exc:
             raise OSError(
                 f"cannot serve metrics on {config.host}:{config.metrics_port}: {exc.strerror or exc}"
@@ -184,7 +188,7 @@ async def create_app(config: ServerConfig) -> App:
             "plain-text gRPC on a non-loopback address: anyone who can reach it can use and read it; "
             "give --tls-cert/--tls-key",
         )
-    return App(config, server, port, health_servicer, servicer, metrics, pool)
+    return App(config, server, port, health_servicer, servicer, metrics, pool, metrics_server)
 
 
 def _credentials(config: ServerConfig) -> grpc.ServerCredentials:

@@ -58,11 +58,18 @@ class ServerProcess:
 
     def rss_bytes(self) -> int:
         """Resident memory of the server process now (Linux /proc)."""
+        return int(self._status("VmRSS:").split()[0]) * 1024
+
+    def threads(self) -> int:
+        """Threads of the server process now (Linux /proc)."""
+        return int(self._status("Threads:"))
+
+    def _status(self, key: str) -> str:
         with open(f"/proc/{self.proc.pid}/status") as f:
             for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) * 1024
-        raise AssertionError("no VmRSS in /proc status")
+                if line.startswith(key):
+                    return line[len(key) :].strip()
+        raise AssertionError(f"no {key} in /proc status")
 
     def signal(self, sig: signal.Signals = signal.SIGTERM) -> None:
         self.proc.send_signal(sig)

@@ -14,6 +14,7 @@ import subprocess
 import sys
 import textwrap
 import time
+import urllib.request
 from collections import Counter
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -366,3 +367,46 @@ async def test_callers_that_keep_sending_do_not_hold_a_draining_server_open(int8
     assert took < 15, f"exit {took:.1f} s after SIGTERM with callers still sending"  # the grace is 60 s
     assert outcomes["UNAVAILABLE"] > 0 and outcomes["CANCELLED"] == 0, outcomes
     assert set(outcomes) <= {"OK", "OK after signal", "UNAVAILABLE"}, outcomes
+
+
+# ---------------------------------------------------------------------------- metrics endpoint
+
+
+@pytest.mark.slow
+async def test_idle_metrics_connections_take_no_thread_and_are_closed(int8_model: Path) -> None:
+    metrics_port = serverproc.free_port()
+    proc = await asyncio.to_thread(
+        serverproc.start,
+        "--model",
+        f"int8={int8_model}",
+        "--synsets",
+        str(SYNSETS),
+        "--metrics-port",
+        str(metrics_port),
+    )
+    socks: list[socket.socket] = []
+    try:
+        before = proc.threads()
+        for _ in range(200):
+            s = socket.create_connection(("127.0.0.1", metrics_port), timeout=10)
+            s.setblocking(False)
+            socks.append(s)
+        await asyncio.sleep(1)  # time for a thread per connection to appear, if one would
+        during = proc.threads()
+        url = f"http://127.0.0.1:{metrics_port}/metrics"
+        page = await asyncio.to_thread(lambda: urllib.request.urlopen(url, timeout=10).read().decode())
+        open_ = set(range(len(socks)))
+
+        def all_closed() -> bool:
+            open_.difference_update({i for i in open_ if closed_by_peer(socks[i])})
+            return not open_
+
+        closed = await asyncio.to_thread(wait_until, all_closed, 20)
+    finally:
+        for s in socks:
+            s.close()
+        proc.kill()
+    print(f"\nserver threads: {before}, with 200 idle metrics connections: {during}")
+    assert during - before < 5, f"{before} threads, {during} with 200 idle metrics connections"
+    assert "mobiserve_requests_total" in page  # served while they sat there
+    assert closed, f"{len(open_)} of 200 idle metrics connections still open after 20 s"
