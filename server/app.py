@@ -33,6 +33,7 @@ from mobiserve.server.transport.connections import connection_options
 from mobiserve.server.transport.drain import HANDOFF_MAX_S
 from mobiserve.server.transport.health import HealthServicer
 from mobiserve.server.transport.servicer import ClassifierServicer, register
+from mobiserve.server.zoo import sha256_of
 from mobiserve.v1 import classifier_pb2 as pb
 
 log = logging.getLogger("mobiserve.server")
@@ -68,6 +69,7 @@ class App:
         for config in self.config.models:
             config = config.resolved()
             model = await loop.run_in_executor(None, load_model, config)
+            self.servicer.model_sha256[config.name] = await loop.run_in_executor(None, sha256_of, Path(config.path))
             served.append(
                 ServedModel(
                     config,
@@ -150,7 +152,9 @@ async def create_app(config: ServerConfig) -> App:
     metrics = Metrics()
     for model in config.models:
         metrics.model_ready.labels(model.name).set(0)  # the series exists (at 0) while loading
-    servicer = ClassifierServicer(metrics, config.default_timeout_s, (m.name for m in config.models))
+    servicer = ClassifierServicer(
+        metrics, config.default_timeout_s, (m.name for m in config.models), config.expose_model_paths
+    )
     register(servicer, server)
     health_servicer = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

@@ -99,6 +99,12 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     )
     p.add_argument("--grace-period", type=float, default=None, help="seconds to drain on SIGTERM (default 30)")
     p.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus metrics on this port")
+    p.add_argument(
+        "--expose-model-paths",
+        action="store_true",
+        default=None,
+        help="ListModels reports each model's full path on this machine (default: its file name only)",
+    )
     c = p.add_argument_group("connections", "idle and age limits, keepalive pings (seconds; see docs/operations.md)")
     c.add_argument(
         "--max-connection-idle",
@@ -174,6 +180,7 @@ def _server_config(args: argparse.Namespace) -> ServerConfig:
         "default_timeout_s": args.default_timeout,
         "grace_s": args.grace_period,
         "metrics_port": args.metrics_port,
+        "expose_model_paths": args.expose_model_paths,
         "tls_cert": args.tls_cert,
         "tls_key": args.tls_key,
         "tls_client_ca": args.tls_client_ca,

@@ -7,6 +7,7 @@ Every test here bounds its own time; the ones past ~5 s are marked slow.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import signal
 import socket
@@ -23,7 +24,7 @@ import grpc
 import pytest
 import pytest_asyncio
 import serverproc
-from conftest import SYNSETS, request_of
+from conftest import SYNSETS, model_config, request_of, start_server
 
 from mobiserve.server.app import App
 from mobiserve.server.transport.errorlog import ErrorLog
@@ -410,3 +411,28 @@ async def test_idle_metrics_connections_take_no_thread_and_are_closed(int8_model
     assert during - before < 5, f"{before} threads, {during} with 200 idle metrics connections"
     assert "mobiserve_requests_total" in page  # served while they sat there
     assert closed, f"{len(open_)} of 200 idle metrics connections still open after 20 s"
+
+
+# -------------------------------------------------------------------------------- ListModels
+
+
+async def test_list_models_names_the_model_file_and_its_sha256_not_its_path(
+    stub: pb_grpc.ClassifierStub, int8_model: Path
+) -> None:
+    (info,) = (await stub.ListModels(pb.ListModelsRequest(), timeout=10)).models
+    assert info.path == int8_model.name and str(int8_model.parent) not in info.path
+    assert info.sha256 == hashlib.sha256(int8_model.read_bytes()).hexdigest()
+
+
+async def test_an_operator_can_opt_in_to_full_model_paths(int8_model: Path) -> None:
+    from mobiserve.server.cli import _server_config, build_parser
+
+    parse = lambda *flags: _server_config(build_parser().parse_args(["serve", "--model", str(int8_model), *flags]))
+    assert not parse().expose_model_paths and parse("--expose-model-paths").expose_model_paths
+    app = await start_server(model_config(int8_model), expose_model_paths=True)
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{app.port}") as channel:
+            (info,) = (await pb_grpc.ClassifierStub(channel).ListModels(pb.ListModelsRequest(), timeout=10)).models
+    finally:
+        await app.stop(grace_s=5)
+    assert info.path == str(int8_model) and info.sha256

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import PurePath
+
 from mobiserve.server.errors import InvalidInput
 from mobiserve.server.processing.preprocess import INPUT_SIZE, PREPROCESSING
 from mobiserve.server.serving import Classified, ImageInput, RawTensor, Servable
@@ -39,7 +41,9 @@ def response_of(request: pb.ClassifyRequest, result: Classified) -> pb.ClassifyR
     )
 
 
-def model_info(model: Servable, is_default: bool) -> pb.ModelInfo:
+def model_info(model: Servable, is_default: bool, *, sha256: str = "", full_path: bool = False) -> pb.ModelInfo:
+    """full_path: the model's path on this machine, which only an operator's opt-in reveals;
+    by default its file name (and sha256) say which model is served."""
     c = model.config
     return pb.ModelInfo(
         name=c.name,
@@ -55,6 +59,7 @@ def model_info(model: Servable, is_default: bool) -> pb.ModelInfo:
         max_queue_delay_ms=c.max_queue_delay_ms,
         instances=c.instances,
         intra_op_threads=c.intra_op_threads,
-        path=c.path,
+        path=c.path if full_path else PurePath(c.path).name,
         max_queue_size=c.max_queue_size,
+        sha256=sha256,
     )

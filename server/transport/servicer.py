@@ -77,8 +77,16 @@ class Failed(Exception):
 
 
 class ClassifierServicer(pb_grpc.ClassifierServicer):
-    def __init__(self, metrics: Metrics, default_timeout_s: float, model_names: Iterable[str]):
+    def __init__(
+        self,
+        metrics: Metrics,
+        default_timeout_s: float,
+        model_names: Iterable[str],
+        expose_model_paths: bool = False,
+    ):
         self.registry: ModelRegistry | None = None  # set once the models are loaded and warm
+        self.model_sha256: dict[str, str] = {}  # by model name, set with the registry
+        self.expose_model_paths = expose_model_paths
         self.metrics = metrics
         self.default_timeout_s = default_timeout_s
         self._model_names = frozenset(model_names)
@@ -205,7 +213,17 @@ class ClassifierServicer(pb_grpc.ClassifierServicer):
         if registry is None:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "models are still loading")
             raise AssertionError("unreachable")
-        return pb.ListModelsResponse(models=[model_info(m, m.name == registry.default) for m in registry])
+        return pb.ListModelsResponse(
+            models=[
+                model_info(
+                    m,
+                    m.name == registry.default,
+                    sha256=self.model_sha256.get(m.name, ""),
+                    full_path=self.expose_model_paths,
+                )
+                for m in registry
+            ]
+        )
 
     async def _classify(
         self,
