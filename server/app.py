@@ -9,9 +9,11 @@ flight within the grace period, then close the batchers and exit 0.
 from __future__ import annotations
 
 import asyncio
+import errno
 import ipaddress
 import logging
 import signal
+import socket
 import ssl
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -131,13 +133,23 @@ class App:
                 "event=grace_expired message=%r", "requests still in flight after the grace period are cancelled"
             )
         await stopping
+        await self._release()
+        log.info("event=stopped")
+
+    async def close(self) -> None:
+        """Stop at once, without a drain or its log lines: for a server that never served (a model
+        failed to load), whose start-up error is all there is to say."""
+        await self.server.stop(0)
+        await self._release(quiet=True)
+
+    async def _release(self, quiet: bool = False) -> None:
         for model in self.served:
             await model.close()
-            log.info("event=model_unloaded model=%s", model.name)
+            if not quiet:
+                log.info("event=model_unloaded model=%s", model.name)
         self.preprocess_pool.shutdown(wait=False, cancel_futures=True)
         if self.metrics_server is not None:
             await self.metrics_server.close()
-        log.info("event=stopped")
 
 
 async def create_app(config: ServerConfig) -> App:
@@ -165,6 +177,7 @@ async def create_app(config: ServerConfig) -> App:
         await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
     address = f"{config.host}:{config.port}"
     credentials = _credentials(config) if config.tls_cert else None
+    _check_bindable(config.host, config.port)
     try:
         port = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
     except RuntimeError:  # grpc's way of saying the bind failed
@@ -218,6 +231,26 @@ def _credentials(config: ServerConfig) -> grpc.ServerCredentials:
     return grpc.ssl_server_credentials([(key, cert)], root_certificates=ca, require_client_auth=ca is not None)
 
 
+def _check_bindable(host: str, port: int) -> None:
+    """Refuse a port in use (or an address not on this machine) with our own one-line error: gRPC
+    would also print its own `add_port.cc` error line first. A later race is still caught by gRPC."""
+    if not port:
+        return
+    try:
+        addresses = socket.getaddrinfo(host.strip("[]"), port, type=socket.SOCK_STREAM)
+    except socket.gaierror:
+        return  # gRPC says what is wrong with the name
+    for family, kind, proto, _, address in addresses:
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gRPC binds
+            try:
+                probe.bind(address)
+            except OSError as exc:
+                if exc.errno in (errno.EADDRINUSE, errno.EADDRNOTAVAIL, errno.EACCES):
+                    raise OSError(f"cannot bind {host}:{port}: {exc.strerror}") from None
+                raise
+
+
 def _is_loopback(host: str) -> bool:
     try:
         return ipaddress.ip_address(host.strip("[]")).is_loopback
@@ -237,14 +270,16 @@ async def run(config: ServerConfig) -> None:
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_signal, sig)
+    failed = False
     try:
         loader = asyncio.create_task(app.load())
         stopped = asyncio.create_task(stop.wait())
         await asyncio.wait({loader, stopped}, return_when=asyncio.FIRST_COMPLETED)
         if loader.done():
-            loader.result()  # a load failure ends the process with its message
+            failed = loader.exception() is not None
+            loader.result()  # a load failure ends the process with its message, and only that
             await stopped
         else:
             loader.cancel()
     finally:
-        await app.stop()
+        await (app.close() if failed else app.stop())

@@ -159,8 +159,7 @@ def _serve(args: argparse.Namespace) -> int:
         return fail(str(exc))
     try:
         asyncio.run(app.run(config))
-    except ModelLoadError as exc:
-        log.error("event=startup_failed reason=%r", str(exc))
+    except ModelLoadError as exc:  # one line: the reason (nothing was served, so no drain to report)
         return fail(str(exc))
     except OSError as exc:
         return fail(f"cannot start the server: {exc}")
