@@ -8,7 +8,7 @@ MODEL_MIRROR ?= $(wildcard $(SHARED)/models)
 export MOBISERVE_MODEL_MIRROR ?= $(MODEL_MIRROR)
 PYTEST_ARGS ?=
 
-.PHONY: setup serve models test check-protos protos bench clean
+.PHONY: setup serve models test test-fast lint check-protos protos bench clean
 
 setup: $(BIN)/.installed
 
@@ -27,6 +27,14 @@ models: setup ## download the zoo's models into ./models, checked by sha256
 test: setup ## the whole test suite (reads models and images from ../shared)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
+test-fast: setup ## the quick loop: every test but those marked slow (well under a minute)
+	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
+
+lint: setup ## the gate CI runs: ruff (lint, format check), the import-layer contracts, mypy
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	BIN=$(abspath $(BIN)) scripts/check-package.sh
+
 protos: setup ## regenerate the gRPC stubs and their type stubs
 	PYTHON=$(BIN)/python scripts/gen-protos.sh
 
@@ -44,4 +52,13 @@ check-protos: protos ## fail if the committed stubs differ from the .proto
 	git diff --exit-code -- protos/
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache
+	rm -rf $(VENV) build dist *.egg-info .pytest_cache .mypy_cache
+
+# `make image`: the container image (deploy/Dockerfile, docs/deploy.md), where a Docker engine
+# with BuildKit runs. The models are baked from $(SHARED)/models when that folder exists (sha256
+# still checked), else pulled from the zoo during the build.
+IMAGE ?= mobiserve:$(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
+
+.PHONY: image
+image: ## build the container image $(IMAGE)
+	docker build -f deploy/Dockerfile -t $(IMAGE)$(if $(MODEL_MIRROR), --build-context model-mirror=$(MODEL_MIRROR)) .

@@ -9,8 +9,9 @@ from types import TracebackType
 
 import grpc
 
+from mobiserve.client import _health
 from mobiserve.client._base import DEFAULT_MAX_IN_FLIGHT, DEFAULT_TOP_K, ClientBase, StreamState
-from mobiserve.client._errors import translated
+from mobiserve.client._errors import ModelNotFound, translated
 from mobiserve.client._images import ImageLike, image_of
 from mobiserve.client._options import ChannelOptions
 from mobiserve.client._results import Classification, ModelInfo, classification_of, model_info_of
@@ -30,6 +31,7 @@ class Client(ClientBase):
         else:
             self._channel = grpc.secure_channel(self.target, credentials, options=options)
         self._stub = pb_grpc.ClassifierStub(self._channel)
+        self._check = self._channel.unary_unary(_health.CHECK)
 
     def classify(
         self, image: ImageLike, *, top_k: int = DEFAULT_TOP_K, model: str | None = None, timeout: float | None = None
@@ -94,6 +96,16 @@ class Client(ClientBase):
                 pb.ListModelsRequest(), timeout=self._timeout(timeout), wait_for_ready=self.wait_for_ready
             )
         return [model_info_of(m) for m in response.models]
+
+    def health(self, service: str = "", *, timeout: float | None = None) -> str:
+        """The server's health (the standard gRPC health service): "SERVING", "NOT_SERVING" (loading,
+        draining) or "SERVICE_UNKNOWN"; `service` "" is the whole server. Raises `Unavailable`
+        when nothing answers."""
+        try:
+            with translated():
+                return _health.decode(self._check(_health.encode(service), timeout=self._timeout(timeout)))
+        except ModelNotFound:  # NOT_FOUND: the server knows no such service
+            return _health.UNKNOWN_SERVICE
 
     def close(self) -> None:
         self._channel.close()

@@ -100,5 +100,4 @@ def translated() -> Iterator[None]:
     try:
         yield
     except grpc.RpcError as exc:
-        call: grpc.Call = exc  # type: ignore[assignment]  # every RpcError from a call is also a Call
-        raise error_of(call.code(), call.details() or "") from None
+        raise error_of(exc.code(), exc.details() or "") from None  # every RpcError from a call is also a Call

@@ -9,15 +9,18 @@ what is wrong, so the client does not repeat those checks.
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
-from typing import Union
+from typing import TYPE_CHECKING, Union
 
 import numpy as np
-from PIL import Image as PILImage
 
 from mobiserve.v1 import classifier_pb2 as pb
 
-ImageLike = Union[str, "os.PathLike[str]", bytes, PILImage.Image, np.ndarray]
+if TYPE_CHECKING:
+    from PIL import Image as PILImage
+
+ImageLike = Union[str, "os.PathLike[str]", bytes, "PILImage.Image", np.ndarray]
 """A path, encoded image bytes, a PIL image, or an array (uint8 [H, W, 3] RGB or float32 [3, 224, 224])."""
 
 
@@ -27,11 +30,14 @@ def image_of(image: ImageLike) -> pb.Image:
         return pb.Image(encoded=bytes(image))
     if isinstance(image, (str, os.PathLike)):
         return pb.Image(encoded=Path(image).read_bytes())
-    if isinstance(image, PILImage.Image):
-        return pb.Image(tensor=_tensor(np.asarray(image if image.mode == "RGB" else image.convert("RGB"))))
     if isinstance(image, np.ndarray):
         return pb.Image(tensor=_tensor(image))
-    raise TypeError(f"cannot classify a {type(image).__name__}: pass a path, bytes, a PIL image or a numpy array")
+    pil = sys.modules.get("PIL.Image")  # Pillow is optional: a PIL image means it is imported already
+    if pil is not None and isinstance(image, pil.Image):
+        return pb.Image(tensor=_tensor(np.asarray(image if image.mode == "RGB" else image.convert("RGB"))))
+    raise TypeError(
+        f"cannot classify a value of type {type(image).__name__}: pass a path, bytes, a PIL image or a numpy array"
+    )
 
 
 def is_cheap(image: ImageLike) -> bool:

@@ -1,4 +1,5 @@
-"""`mobiserve classify`, `validate` and `models` (listing a server's models): the client's commands.
+"""The client's commands: `mobiserve classify`, `validate`, `models` (list a server's models, or
+pull the zoo's files) and `health`. They need only the thin client install.
 
 Every user-facing failure (a bad path, no server, a refused image) ends in one line on stderr
 and exit status 1; `--json` output goes to stdout alone, so it can be piped.
@@ -12,11 +13,9 @@ import functools
 import json
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
-
-from tqdm import tqdm
+from typing import TYPE_CHECKING, Any
 
 from mobiserve.client import (
     DEFAULT_TARGET,
@@ -28,13 +27,19 @@ from mobiserve.client import (
     Unavailable,
     default_target,
 )
-from mobiserve.client.validation import Tally, labelled_images
-from mobiserve.server.cli import fail
+from mobiserve.client.validation import Tally
+from mobiserve.common import zoo
+from mobiserve.common.command import fail
+from mobiserve.common.datasets import labelled_images
+from mobiserve.common.labels import Labels
 
 Command = Callable[[argparse.Namespace], int]
 
+if TYPE_CHECKING:
+    from mobiserve.common.command import Subcommands
 
-def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+
+def register(sub: Subcommands) -> None:
     """Add this module's subcommands to the `mobiserve` parser."""
     p = sub.add_parser("classify", help="classify image files with a running server")
     p.add_argument("images", nargs="+", metavar="IMAGE", help="image files (JPEG, PNG, WebP, BMP, GIF, TIFF)")
@@ -60,12 +65,27 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     _add_call_options(p)
     p.set_defaults(func=_validate)
 
+    p = sub.add_parser("models", help="list a server's models, or pull the zoo's models")
+    _add_target(p)  # no ACTION: list what the server at --target serves (ListModels)
+    p.add_argument("--json", action="store_true", help="print JSON on stdout")
+    p.set_defaults(func=_models)
+    actions = p.add_subparsers(metavar="ACTION")
+    pull = actions.add_parser("pull", help="download the zoo's MobileNetV2 models, checked by sha256")
+    pull.add_argument("names", nargs="*", metavar="NAME", help=f"which models ({', '.join(zoo.ZOO)}; default all)")
+    pull.add_argument("--dir", type=Path, default=zoo.DEFAULT_MODELS_DIR, help="models folder (default: %(default)s)")
+    pull.add_argument("--from", dest="source", help=f"a folder or base URL holding the files (or ${zoo.MIRROR_ENV})")
+    pull.set_defaults(func=_pull)
 
-def add_list_models(parser: argparse.ArgumentParser) -> None:
-    """Make `mobiserve models` (with no action) list a server's models (ListModels)."""
-    _add_target(parser)
-    parser.add_argument("--json", action="store_true", help="print JSON on stdout")
-    parser.set_defaults(func=_models)
+    p = sub.add_parser(
+        "health",
+        help="ask a server's gRPC health service; exit 0 when it is SERVING",
+        description="Prints the status (SERVING, NOT_SERVING, SERVICE_UNKNOWN) and exits 0 only for SERVING: "
+        "for scripts, probes and container health checks.",
+    )
+    _add_target(p)
+    p.add_argument("--service", default="", help="service to ask about (default: the whole server)")
+    p.add_argument("--timeout", type=float, default=5.0, metavar="S", help="seconds (default 5)")
+    p.set_defaults(func=_health)
 
 
 def _add_target(parser: argparse.ArgumentParser) -> None:
@@ -147,8 +167,6 @@ def _validate(args: argparse.Namespace) -> int:
         return fail(f"not a folder: {args.dir}")
     names: dict[str, str] = {}
     if args.synsets:
-        from mobiserve.server.processing.labels import Labels  # a plain-text parser; no onnxruntime
-
         labels = Labels.load(args.synsets)
         names = dict(zip(labels.wnids, labels.names))
     found = labelled_images(args.dir, names or None)
@@ -163,14 +181,13 @@ def _validate(args: argparse.Namespace) -> int:
     paths = [item.path for item in found.images]
     tally = Tally(names=dict(names))
     model = ""
-    with Client(args.target) as client, tqdm(total=len(paths), unit="img", file=sys.stderr, disable=None) as bar:
+    with Client(args.target) as client:
         started = time.perf_counter()
         try:
             results = client.classify_many(paths, top_k=5, model=args.model, max_in_flight=args.max_in_flight)
-            for item, result in zip(found.images, results):
+            for item, result in zip(found.images, _progress(results, len(paths))):
                 tally.add(item.label, result)
                 model = result.model
-                bar.update()
         except MobiserveError as exc:
             return _image_failure(exc, paths)
         seconds = time.perf_counter() - started
@@ -192,6 +209,15 @@ def _validate(args: argparse.Namespace) -> int:
     else:
         _print_report(report)
     return 0
+
+
+def _progress(results: Iterator[Classification], total: int) -> Iterator[Classification]:
+    """A progress bar on a terminal's stderr when tqdm is installed (it is optional here)."""
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return results
+    return iter(tqdm(results, total=total, unit="img", file=sys.stderr, disable=None, leave=False))
 
 
 def _print_report(report: dict[str, Any]) -> None:
@@ -235,6 +261,39 @@ def _models(args: argparse.Namespace) -> int:
     header = ["model", "version", "classes", "max batch", "delay ms", "instances", "path"]
     _print_table(header, rows, right={2, 3, 4, 5})
     return 0
+
+
+def _pull(args: argparse.Namespace) -> int:
+    unknown = set(args.names) - set(zoo.ZOO)
+    if unknown:
+        return fail(f"unknown model(s) {sorted(unknown)}; the zoo entries are {', '.join(zoo.ZOO)}")
+    status = 0
+    for name in args.names or list(zoo.ZOO):
+        model = zoo.ZOO[name]
+        try:
+            path = zoo.pull(model, args.dir, args.source)
+        except zoo.ZooError as exc:
+            status = fail(str(exc))
+            continue
+        digest = zoo.sha256_of(path)
+        checked = "sha256 verified" if model.sha256 else f"sha256 {digest} (not pinned: compare with the zoo)"
+        print(f"{name}: {path} ({checked})")
+    return status
+
+
+# --------------------------------------------------------------------------------------- health
+
+
+def _health(args: argparse.Namespace) -> int:
+    """Not `_reported`: an unreachable server is an answer here (exit 1), not an error."""
+    with Client(args.target, retry=None) as client:
+        try:
+            status = client.health(args.service, timeout=args.timeout)
+        except MobiserveError as exc:
+            print(f"{client.target}: unreachable: {exc.message} ({exc.code.name})")
+            return 1
+    print(status)
+    return 0 if status == "SERVING" else 1
 
 
 def _print_table(header: list[str], rows: list[list[str]], right: set[int]) -> None:

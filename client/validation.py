@@ -1,4 +1,4 @@
-"""`mobiserve validate`'s bookkeeping: which label each file has, and how the answers scored.
+"""`mobiserve validate`'s bookkeeping: how the answers scored, overall and per label.
 
 Labels are compared with the wnid the server answers with, so no synsets file is needed; one
 given with --synsets only names the classes and rejects labels it does not know.
@@ -6,48 +6,10 @@ given with --synsets only names the classes and rejects labels it does not know.
 
 from __future__ import annotations
 
-from collections.abc import Container
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from mobiserve.client._results import Classification
-
-IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
-
-
-@dataclass(frozen=True)
-class Labelled:
-    path: Path
-    label: str
-
-
-@dataclass
-class Found:
-    images: list[Labelled] = field(default_factory=list)
-    skipped: list[Path] = field(default_factory=list)  # image files with no (known) label
-
-
-def labelled_images(root: Path, known: Container[str] | None = None) -> Found:
-    """`<label>_<anything>.<ext>` files in `root`, and files under ImageNet-style `<label>/` folders.
-
-    Only image suffixes count; other files are ignored. With `known`, other labels are skipped.
-    """
-    found = Found()
-    for path in sorted(root.rglob("*")):
-        if path.suffix.lower() not in IMAGE_SUFFIXES or not path.is_file():
-            continue
-        relative = path.relative_to(root)
-        if len(relative.parts) > 1:
-            label = relative.parts[0]
-        else:
-            label, underscore, _ = path.name.partition("_")
-            label = label if underscore else ""
-        if label and (known is None or label in known):
-            found.images.append(Labelled(path, label))
-        else:
-            found.skipped.append(path)
-    return found
 
 
 @dataclass

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import functools
 import ipaddress
 import logging
 import signal
@@ -23,10 +24,11 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from mobiserve.common.labels import Labels
+from mobiserve.common.zoo import sha256_of
 from mobiserve.server.config import ModelConfig, ServerConfig
 from mobiserve.server.metrics import Metrics
 from mobiserve.server.metrics_http import MetricsServer
-from mobiserve.server.processing.labels import Labels
 from mobiserve.server.processing.preprocess import ImageLimits
 from mobiserve.server.runtime.model import Model
 from mobiserve.server.runtime.session import SessionTuning
@@ -35,7 +37,6 @@ from mobiserve.server.transport.connections import connection_options
 from mobiserve.server.transport.drain import HANDOFF_MAX_S
 from mobiserve.server.transport.health import HealthServicer
 from mobiserve.server.transport.servicer import ClassifierServicer, register
-from mobiserve.server.zoo import sha256_of
 from mobiserve.v1 import classifier_pb2 as pb
 
 log = logging.getLogger("mobiserve.server")
@@ -79,7 +80,7 @@ class App:
                     self.preprocess_pool,
                     limits,
                     self.config.max_images_per_request,
-                    on_batch=lambda size, seconds, name=config.name: self.metrics.observe_batch(name, size, seconds),
+                    on_batch=functools.partial(self.metrics.observe_batch, config.name),
                 )
             )
             log.info(
@@ -91,11 +92,11 @@ class App:
                 config.max_batch_size,
             )
         registry = ModelRegistry(served, self.config.default)
-        for model in served:
-            model.start()
-            self.metrics.model_ready.labels(model.name).set(1)
-            log.info("event=model_ready model=%s", model.name)
-            self.metrics.queue_depth.labels(model.name).set_function(lambda b=model.batcher: b.admitted)
+        for ready in served:
+            ready.start()
+            self.metrics.model_ready.labels(ready.name).set(1)
+            log.info("event=model_ready model=%s", ready.name)
+            self.metrics.queue_depth.labels(ready.name).set_function(ready.queued)
         self.servicer.registry = registry
         await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
         await self.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)

@@ -1,66 +1,36 @@
-"""The `mobiserve` command: serve, models, and the commands other modules register."""
+"""`mobiserve serve`: run the gRPC server (needs the server extra)."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import gc
-import importlib
 import logging
 import os
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-from mobiserve import __version__
+from mobiserve.common import zoo
+from mobiserve.common.command import fail, missing
 
 if TYPE_CHECKING:
+    from mobiserve.common.command import Subcommands
     from mobiserve.server.config import ServerConfig
 
-# Modules that add their own subcommands through `register(subparsers)`.
-_COMMAND_MODULES = ("mobiserve.client.cli", "mobiserve.client.bench.cli", "mobiserve.server.workflows.cli")
-
 log = logging.getLogger("mobiserve.server")
+# What `serve` imports beyond the thin client: checked first, so a missing extra is one line.
+SERVER_MODULES = ("onnxruntime", "simplejpeg", "PIL", "prometheus_client", "grpc_health", "grpc_reflection")
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if not hasattr(args, "func"):
-        parser.print_help()
-        return 2
-    try:
-        return int(args.func(args) or 0)
-    except KeyboardInterrupt:
-        return 130
-    finally:
-        # Collect a failed stream's reference cycles while gRPC's threads still run: collected
-        # at interpreter exit instead, grpc's Rendezvous.__del__ can wait forever on a lock held
-        # by a daemon thread that exit froze (seen once in CI-like load).
-        gc.collect()
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mobiserve", description="MobileNetV2 image classification over gRPC.")
-    parser.add_argument("--version", action="version", version=f"mobiserve {__version__}")
-    sub = parser.add_subparsers(metavar="COMMAND")
+def register(sub: Subcommands) -> None:
+    """Add `serve` to the `mobiserve` parser (an entry point of the `mobiserve.commands` group)."""
     _add_serve(sub)
-    _add_models(sub)
-    for name in _COMMAND_MODULES:
-        importlib.import_module(name).register(sub)
-    return parser
-
-
-def fail(message: str, code: int = 1) -> int:
-    """One line on stderr and a non-zero exit: what every command does on a user-facing error."""
-    print(f"mobiserve: error: {message}", file=sys.stderr)
-    return code
 
 
 # ---------------------------------------------------------------------------------------- serve
 
 
-def _add_serve(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def _add_serve(sub: Subcommands) -> None:
     p = sub.add_parser("serve", help="run the gRPC server", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--config", help="TOML file listing models and server settings (flags override it)")
     p.add_argument(
@@ -145,6 +115,8 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
 
 
 def _serve(args: argparse.Namespace) -> int:
+    if hint := missing("server", *SERVER_MODULES):
+        return fail(hint)
     from mobiserve.server import app
     from mobiserve.server.errors import ModelLoadError
 
@@ -198,7 +170,7 @@ def _server_config(args: argparse.Namespace) -> ServerConfig:
         if args.model:
             raise ValueError("give models either in --config or with --model, not both")
         return load_toml(args.config, **overrides)
-    knobs = {
+    knobs: dict[str, Any] = {
         "max_batch_size": args.max_batch_size,
         "max_queue_delay_ms": args.max_queue_delay_ms,
         "max_queue_size": args.max_queue_size,
@@ -208,7 +180,7 @@ def _server_config(args: argparse.Namespace) -> ServerConfig:
     }
     if args.synsets:
         knobs["synsets"] = args.synsets
-    specs = args.model or [str(_default_model())]
+    specs = args.model or [f"{zoo.DEFAULT_MODEL.name}={_default_model()}"]
     if args.name and len(specs) > 1:
         raise ValueError("--name applies to a single --model; use NAME=PATH for several")
     models = []
@@ -218,7 +190,7 @@ def _server_config(args: argparse.Namespace) -> ServerConfig:
             name = args.name
         if not Path(path).is_file():
             raise ValueError(f"model file not found: {path}")
-        models.append(ModelConfig(name=name, path=path, **knobs))  # type: ignore[arg-type]
+        models.append(ModelConfig(name=name, path=path, **knobs))
     return ServerConfig(models=tuple(models), **{k: v for k, v in overrides.items() if v is not None})
 
 
@@ -232,8 +204,6 @@ def _split_model_spec(spec: str) -> tuple[str, str]:
 
 def _default_model() -> Path:
     """The zoo's int8 model in the models folder, pulled first if missing."""
-    from mobiserve.server import zoo
-
     path = zoo.DEFAULT_MODELS_DIR / zoo.DEFAULT_MODEL.filename
     if not path.is_file():
         source = os.environ.get(zoo.MIRROR_ENV) or "the ONNX model zoo"
@@ -243,40 +213,3 @@ def _default_model() -> Path:
         except zoo.ZooError as exc:
             raise ValueError(str(exc)) from None
     return path
-
-
-# --------------------------------------------------------------------------------------- models
-
-
-def _add_models(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    from mobiserve.client.cli import add_list_models
-    from mobiserve.server import zoo
-
-    p = sub.add_parser("models", help="list a server's models, or pull the zoo's models")
-    add_list_models(p)  # no ACTION: list what the server at --target serves
-    msub = p.add_subparsers(metavar="ACTION")
-    pull = msub.add_parser("pull", help="download the zoo's MobileNetV2 models, checked by sha256")
-    pull.add_argument("names", nargs="*", metavar="NAME", help=f"which models ({', '.join(zoo.ZOO)}; default all)")
-    pull.add_argument("--dir", type=Path, default=zoo.DEFAULT_MODELS_DIR, help="models folder (default: %(default)s)")
-    pull.add_argument("--from", dest="source", help=f"a folder or base URL holding the files (or ${zoo.MIRROR_ENV})")
-    pull.set_defaults(func=_pull)
-
-
-def _pull(args: argparse.Namespace) -> int:
-    from mobiserve.server import zoo
-
-    unknown = set(args.names) - set(zoo.ZOO)
-    if unknown:
-        return fail(f"unknown model(s) {sorted(unknown)}; the zoo entries are {', '.join(zoo.ZOO)}")
-    status = 0
-    for name in args.names or list(zoo.ZOO):
-        model = zoo.ZOO[name]
-        try:
-            path = zoo.pull(model, args.dir, args.source)
-        except zoo.ZooError as exc:
-            status = fail(str(exc))
-            continue
-        digest = zoo.sha256_of(path)
-        checked = "sha256 verified" if model.sha256 else f"sha256 {digest} (not pinned: compare with the zoo)"
-        print(f"{name}: {path} ({checked})")
-    return status

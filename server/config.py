@@ -24,9 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from mobiserve.common.labels import IMAGENET_SYNSETS
 from mobiserve.server.runtime.session import available_cores, default_instances, default_intra_op_threads
-
-IMAGENET_SYNSETS = Path(__file__).parent / "processing" / "imagenet_synsets.txt"
 
 
 @dataclass(frozen=True)

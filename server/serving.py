@@ -1,8 +1,9 @@
-"""The domain layer: a served model is preprocessing -> batcher -> onnxruntime -> top-k.
+"""The domain layer: a served model is preprocessing -> batcher -> onnxruntime -> scores.
 
 The transport hands in plain Python inputs and gets plain dataclasses back; nothing here knows
-about gRPC. Per image, validation and preprocessing happen *before* the image joins a batch, so
-a corrupt image fails alone and never takes its batch-mates down with it.
+about gRPC, and the transport knows a model only by its `ModelDescription`. Per image,
+validation and preprocessing happen *before* the image joins a batch, so a corrupt image fails
+alone and never takes its batch-mates down with it.
 """
 
 from __future__ import annotations
@@ -16,11 +17,17 @@ from typing import Protocol
 
 import numpy as np
 
-from mobiserve.server.batching import Batched, Batcher
+from mobiserve.common.labels import Labels
+from mobiserve.server.batching import Answered, Batcher, Stages
 from mobiserve.server.config import ModelConfig
 from mobiserve.server.errors import DeadlineExceeded, InvalidInput, ModelNotFound, shown
-from mobiserve.server.processing.labels import Labels
-from mobiserve.server.processing.preprocess import ImageLimits, preprocess_encoded, preprocess_tensor
+from mobiserve.server.processing.preprocess import (
+    INPUT_SIZE,
+    PREPROCESSING,
+    ImageLimits,
+    preprocess_encoded,
+    preprocess_tensor,
+)
 from mobiserve.server.runtime.model import Model
 
 DEFAULT_TOP_K = 5
@@ -45,6 +52,15 @@ class ClassScore:
 
 
 @dataclass(frozen=True)
+class ImageScores:
+    """One image's answer: the model's raw output, its softmax, and the classes most probable first."""
+
+    logits: np.ndarray  # [C] float32
+    probabilities: np.ndarray  # [C] float32
+    order: np.ndarray  # [C] int64
+
+
+@dataclass(frozen=True)
 class Timing:
     queue_us: int
     preprocess_us: int
@@ -53,39 +69,87 @@ class Timing:
 
 
 @dataclass(frozen=True)
+class ModelDescription:
+    """What the transport may know of a served model: enough to describe it and check requests."""
+
+    name: str
+    version: str
+    input_name: str
+    input_shape: tuple[int, ...]  # batch dimension first, -1
+    input_dtype: str
+    output_name: str
+    num_classes: int
+    labels: Labels
+    preprocessing: str
+    max_batch_size: int
+    max_queue_delay_ms: float
+    max_queue_size: int
+    instances: int
+    intra_op_threads: int
+    path: str
+
+
+@dataclass(frozen=True)
 class Classified:
     model: str
-    results: list[list[ClassScore]]  # results[i] answers images[i]
+    scores: list[ImageScores]  # scores[i] answers images[i]
     timing: Timing
+    labels: Labels
 
-
-_Scores = tuple[np.ndarray, np.ndarray]  # one image's (probabilities, order)
+    def top(self, k: int) -> list[list[ClassScore]]:
+        """The `k` most probable classes of each image."""
+        wnids, names = self.labels.wnids, self.labels.names
+        return [
+            [ClassScore(int(i), wnids[i], names[i], float(s.probabilities[i])) for i in s.order[:k]]
+            for s in self.scores
+        ]
 
 
 class Servable(Protocol):
     """What the transport needs of a served model (ServedModel; the bench's unbatched server)."""
 
-    config: ModelConfig
-    model: Model
+    description: ModelDescription
 
     @property
     def name(self) -> str: ...
 
-    async def classify(
-        self, images: Sequence[ImageInput], top_k: int = 0, deadline: float | None = None
-    ) -> Classified: ...
+    async def classify(self, images: Sequence[ImageInput], deadline: float | None = None) -> Classified: ...
 
 
-def checked_top_k(images: Sequence[ImageInput], top_k: int, model: Model, max_images: int) -> int:
-    """Validate a request's shape before any work; returns top_k with 0 meaning the default."""
+def describe(config: ModelConfig, model: Model) -> ModelDescription:
+    return ModelDescription(
+        name=config.name,
+        version=config.version,
+        input_name=model.input_name,
+        input_shape=(-1, 3, INPUT_SIZE, INPUT_SIZE),
+        input_dtype="float32",
+        output_name=model.output_name,
+        num_classes=model.num_classes,
+        labels=model.labels,
+        preprocessing=PREPROCESSING,
+        max_batch_size=config.max_batch_size,
+        max_queue_delay_ms=config.max_queue_delay_ms,
+        max_queue_size=config.max_queue_size,
+        instances=config.instances,
+        intra_op_threads=config.intra_op_threads,
+        path=config.path,
+    )
+
+
+def checked_top_k(top_k: int, num_classes: int) -> int:
+    """top_k with 0 meaning the default; refused when the model has fewer classes."""
     top_k = top_k or DEFAULT_TOP_K
+    if top_k < 0 or top_k > num_classes:
+        raise InvalidInput(f"top_k is {top_k}; the model has {num_classes} classes")
+    return top_k
+
+
+def check_count(images: Sequence[ImageInput], max_images: int) -> None:
+    """Validate a request's size before any work."""
     if not images:
         raise InvalidInput("request has no images")
     if len(images) > max_images:
         raise InvalidInput(f"request has {len(images)} images; the limit is {max_images}")
-    if top_k > model.num_classes:
-        raise InvalidInput(f"top_k is {top_k}; the model has {model.num_classes} classes")
-    return top_k
 
 
 def prepare(index: int, image: ImageInput, limits: ImageLimits, deadline: float | None = None) -> np.ndarray:
@@ -101,22 +165,21 @@ def prepare(index: int, image: ImageInput, limits: ImageLimits, deadline: float 
         raise InvalidInput(f"image {index}: {exc}") from None
 
 
+def scores_of(model: Model, items: list[np.ndarray]) -> list[ImageScores]:
+    """Worker thread: one onnxruntime run over prepared items."""
+    batch = model.infer(items)
+    return [ImageScores(*row) for row in zip(batch.logits, batch.probabilities, batch.order)]
+
+
 def run_whole(
     model: Model, images: Sequence[ImageInput], limits: ImageLimits, deadline: float | None = None
-) -> tuple[list[_Scores], Timing]:
-    """Worker thread: preprocess and infer one request in a single trip, with no batcher."""
+) -> tuple[list[ImageScores], float]:
+    """Worker thread: preprocess and infer one request in a single trip, with no batcher.
+    Returns the scores and the seconds spent preprocessing."""
     started = time.perf_counter()
     items = [prepare(i, image, limits, deadline) for i, image in enumerate(images)]
-    prepared = time.perf_counter()
-    scores = model.infer(items)
-    took = time.perf_counter() - prepared
-    timing = Timing(0, int((prepared - started) * 1e6), int(took * 1e6), len(items))
-    return list(zip(scores.probabilities, scores.order)), timing
-
-
-def top_classes(labels: Labels, scores: _Scores, top_k: int) -> list[ClassScore]:
-    probabilities, order = scores
-    return [ClassScore(int(i), labels.wnids[i], labels.names[i], float(probabilities[i])) for i in order[:top_k]]
+    prepared = time.perf_counter() - started
+    return scores_of(model, items), prepared
 
 
 class ServedModel:
@@ -131,16 +194,15 @@ class ServedModel:
         max_images_per_request: int,
         on_batch: Callable[[int, float], None] | None = None,
     ):
-        self.config = config
+        self.description = describe(config, model)
         self.model = model
         self.limits = limits
         self.max_images_per_request = max_images_per_request
-        self._on_batch = on_batch
         self._preprocess_pool = preprocess_pool
         # one thread per session instance: the batcher never runs more batches than that
         self._infer_pool = ThreadPoolExecutor(config.instances, thread_name_prefix=f"infer-{config.name}")
-        self.batcher: Batcher[np.ndarray, _Scores] = Batcher(
-            self._run_batch,
+        self.batcher: Batcher[ImageInput, np.ndarray, ImageScores] = Batcher(
+            Stages(self._prepare, self._run_batch, self._run_alone),
             max_batch_size=config.max_batch_size,
             max_queue_delay_s=config.max_queue_delay_ms / 1000,
             concurrency=config.instances,
@@ -151,61 +213,46 @@ class ServedModel:
 
     @property
     def name(self) -> str:
-        return self.config.name
+        return self.description.name
 
     def start(self) -> None:
         self.batcher.start()
+
+    def queued(self) -> int:
+        """Images admitted and not yet in a batch: what `max_queue_size` bounds."""
+        return self.batcher.admitted
 
     async def close(self) -> None:
         await self.batcher.close()
         self._infer_pool.shutdown(wait=True)
 
-    async def classify(self, images: Sequence[ImageInput], top_k: int = 0, deadline: float | None = None) -> Classified:
+    async def classify(self, images: Sequence[ImageInput], deadline: float | None = None) -> Classified:
         """Classify images; `deadline` is on the event loop's clock (time.monotonic)."""
-        top_k = checked_top_k(images, top_k, self.model, self.max_images_per_request)
+        check_count(images, self.max_images_per_request)
+        answered = await self.batcher.submit(images, deadline)
+        return Classified(self.name, answered.values, _timing(answered), self.model.labels)
+
+    async def _prepare(self, index: int, image: ImageInput, deadline: float | None) -> np.ndarray:
         loop = asyncio.get_running_loop()
-        if len(images) == 1 and await self.batcher.claim_if_idle():
-            # An idle model: preprocess and infer in one worker-thread trip, skipping two
-            # handoffs. It holds the batcher's session slot (not queue room: it never waits),
-            # so work arriving meanwhile queues behind it as behind any running batch.
-            try:
-                scores, timing = await loop.run_in_executor(self._preprocess_pool, self._run_alone, images[0], deadline)
-            finally:
-                self.batcher.release()
-            return Classified(self.name, [top_classes(self.model.labels, scores, top_k)], timing)
-        with self.batcher.admit(len(images)) as admission:
-            started = time.perf_counter()
-            items = await asyncio.gather(
-                *(
-                    loop.run_in_executor(self._preprocess_pool, prepare, i, image, self.limits, deadline)
-                    for i, image in enumerate(images)
-                )
-            )
-            preprocess_s = time.perf_counter() - started
-            batched = await self.batcher.submit(admission, items, deadline)
-        return Classified(
-            self.name, [top_classes(self.model.labels, b.value, top_k) for b in batched], _timing(preprocess_s, batched)
+        return await loop.run_in_executor(self._preprocess_pool, prepare, index, image, self.limits, deadline)
+
+    async def _run_batch(self, items: list[np.ndarray]) -> list[ImageScores]:
+        return await asyncio.get_running_loop().run_in_executor(self._infer_pool, scores_of, self.model, items)
+
+    async def _run_alone(self, image: ImageInput, deadline: float | None) -> tuple[ImageScores, float]:
+        loop = asyncio.get_running_loop()
+        scores, prepared_s = await loop.run_in_executor(
+            self._infer_pool, run_whole, self.model, [image], self.limits, deadline
         )
-
-    def _run_alone(self, image: ImageInput, deadline: float | None) -> tuple[_Scores, Timing]:
-        (scores,), timing = run_whole(self.model, [image], self.limits, deadline)
-        if self._on_batch is not None:
-            self._on_batch(1, timing.inference_us / 1e6)
-        return scores, timing
-
-    async def _run_batch(self, items: list[np.ndarray]) -> list[_Scores]:
-        scores = await asyncio.get_running_loop().run_in_executor(self._infer_pool, self.model.infer, items)
-        return list(zip(scores.probabilities, scores.order))
+        return scores[0], prepared_s
 
 
-def _timing(preprocess_s: float, batched: list[Batched[_Scores]]) -> Timing:
-    # images of one request may ride in several batches: count each batch's run once
-    runs = {(b.batch_size, b.inference_s) for b in batched}
+def _timing(answered: Answered[ImageScores]) -> Timing:
     return Timing(
-        queue_us=int(max(b.queue_s for b in batched) * 1e6),
-        preprocess_us=int(preprocess_s * 1e6),
-        inference_us=int(sum(s for _, s in runs) * 1e6),
-        batch_size=max(b.batch_size for b in batched),
+        queue_us=int(answered.queue_s * 1e6),
+        preprocess_us=int(answered.preprocess_s * 1e6),
+        inference_us=int(answered.inference_s * 1e6),
+        batch_size=answered.batch_size,
     )
 
 

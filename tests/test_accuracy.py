@@ -7,9 +7,13 @@ from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
-from conftest import INT8, SYNSETS, card_pipeline, request_of
+import pytest
 
 from mobiserve.v1 import classifier_pb2_grpc as pb_grpc
+
+from helpers import INT8, SYNSETS, card_pipeline, request_of
+
+pytestmark = pytest.mark.slow  # real processes or whole-sample sweeps
 
 
 def reference_top1(images: list[Path]) -> dict[str, int]:

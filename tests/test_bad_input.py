@@ -10,11 +10,12 @@ from pathlib import Path
 
 import grpc
 import pytest
-from conftest import encode, request_of
 from PIL import Image
 
 from mobiserve.v1 import classifier_pb2 as pb
 from mobiserve.v1 import classifier_pb2_grpc as pb_grpc
+
+from helpers import encode, request_of
 
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
 

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 import pytest
 
-from mobiserve.server.batching import Batcher
+from mobiserve.server.batching import Batcher, Stages
 from mobiserve.server.errors import DeadlineExceeded, InferenceFailed, InvalidInput, Overloaded
 
 
@@ -28,9 +29,25 @@ class FakeModel:
         return [i * 10 for i in items]
 
 
-async def submit(batcher: Batcher[int, int], *items: int, deadline: float | None = None) -> list[int]:
-    with batcher.admit(len(items)) as admission:
-        return [b.value for b in await batcher.submit(admission, items, deadline)]
+async def same(index: int, item: int, deadline: float | None) -> int:
+    return item
+
+
+def batcher(model: FakeModel, alone: FakeModel | None = None, **knobs: Any) -> Batcher[int, int, int]:
+    """A started batcher over the fake model; `alone` also gives it an idle fast path."""
+
+    async def run_alone(item: int, deadline: float | None) -> tuple[int, float]:
+        assert alone is not None
+        (value,) = await alone([item])
+        return value, 0.0
+
+    b = Batcher(Stages(same, model, run_alone if alone else None), **knobs)
+    b.start()
+    return b
+
+
+async def submit(b: Batcher[int, int, int], *items: int, deadline: float | None = None) -> list[int]:
+    return (await b.submit(items, deadline)).values
 
 
 async def settle() -> None:
@@ -45,8 +62,7 @@ def model() -> FakeModel:
 
 
 async def test_lone_request_runs_at_once_and_results_keep_order(model: FakeModel) -> None:
-    b = Batcher(model, max_batch_size=8)
-    b.start()
+    b = batcher(model, max_batch_size=8)
     model.release.set()
     assert await submit(b, 3, 1, 2) == [30, 10, 20]
     assert model.batches == [[3, 1, 2]]
@@ -54,8 +70,7 @@ async def test_lone_request_runs_at_once_and_results_keep_order(model: FakeModel
 
 
 async def test_queued_requests_form_one_batch_when_the_session_frees(model: FakeModel) -> None:
-    b = Batcher(model, max_batch_size=8)
-    b.start()
+    b = batcher(model, max_batch_size=8)
     first = asyncio.create_task(submit(b, 0))
     await model.started.wait()  # the only session is busy with [0]
     rest = [asyncio.create_task(submit(b, i, i + 100)) for i in range(1, 4)]
@@ -68,8 +83,7 @@ async def test_queued_requests_form_one_batch_when_the_session_frees(model: Fake
 
 
 async def test_max_batch_size_splits_a_large_request(model: FakeModel) -> None:
-    b = Batcher(model, max_batch_size=4)
-    b.start()
+    b = batcher(model, max_batch_size=4)
     model.release.set()
     assert await submit(b, *range(10)) == [i * 10 for i in range(10)]
     assert [len(x) for x in model.batches] == [4, 4, 2]
@@ -77,8 +91,7 @@ async def test_max_batch_size_splits_a_large_request(model: FakeModel) -> None:
 
 
 async def test_queue_delay_lets_a_batch_fill(model: FakeModel) -> None:
-    b = Batcher(model, max_batch_size=3, max_queue_delay_s=60)  # the window never expires here
-    b.start()
+    b = batcher(model, max_batch_size=3, max_queue_delay_s=60)  # the window never expires here
     model.release.set()
     tasks = [asyncio.create_task(submit(b, i)) for i in range(3)]
     await asyncio.gather(*tasks)  # the third arrival fills the batch and ends the wait
@@ -87,8 +100,7 @@ async def test_queue_delay_lets_a_batch_fill(model: FakeModel) -> None:
 
 
 async def test_cancelled_caller_leaves_the_queue_before_inference(model: FakeModel) -> None:
-    b = Batcher(model, max_batch_size=8)
-    b.start()
+    b = batcher(model, max_batch_size=8)
     first = asyncio.create_task(submit(b, 0))
     await model.started.wait()
     gone = asyncio.create_task(submit(b, 1))
@@ -105,8 +117,7 @@ async def test_cancelled_caller_leaves_the_queue_before_inference(model: FakeMod
 
 
 async def test_expired_deadline_is_dropped_before_inference(model: FakeModel) -> None:
-    b = Batcher(model, max_batch_size=8)
-    b.start()
+    b = batcher(model, max_batch_size=8)
     first = asyncio.create_task(submit(b, 0))
     await model.started.wait()
     loop = asyncio.get_running_loop()
@@ -121,17 +132,16 @@ async def test_expired_deadline_is_dropped_before_inference(model: FakeModel) ->
 
 
 async def test_full_queue_refuses_at_once_and_recovers(model: FakeModel) -> None:
-    b = Batcher(model, max_batch_size=1, max_queue_size=3)
-    b.start()
+    b = batcher(model, max_batch_size=1, max_queue_size=3)
     held = [asyncio.create_task(submit(b, 0))]
     await model.started.wait()  # 0 runs; 1, 2, 3 fill the queue
     held += [asyncio.create_task(submit(b, i)) for i in range(1, 4)]
     await settle()
     assert b.admitted == 3
     with pytest.raises(Overloaded, match="overloaded"):
-        b.admit(1)
+        await submit(b, 4)
     with pytest.raises(InvalidInput, match="more than the queue limit"):
-        b.admit(4)
+        await submit(b, 5, 6, 7, 8)
     model.release.set()
     await asyncio.gather(*held)
     assert await submit(b, 7) == [70]
@@ -140,8 +150,7 @@ async def test_full_queue_refuses_at_once_and_recovers(model: FakeModel) -> None
 
 async def test_a_failing_batch_fails_only_its_own_requests() -> None:
     model = FakeModel(fail_on=13)
-    b = Batcher(model, max_batch_size=1)
-    b.start()
+    b = batcher(model, max_batch_size=1)
     model.release.set()
     with pytest.raises(InferenceFailed, match="boom"):
         await submit(b, 13)
@@ -150,8 +159,7 @@ async def test_a_failing_batch_fails_only_its_own_requests() -> None:
 
 
 async def test_close_runs_everything_already_queued(model: FakeModel) -> None:
-    b = Batcher(model, max_batch_size=2)
-    b.start()
+    b = batcher(model, max_batch_size=2)
     tasks = [asyncio.create_task(submit(b, i)) for i in range(5)]
     await model.started.wait()
     closing = asyncio.create_task(b.close())
@@ -161,29 +169,33 @@ async def test_close_runs_everything_already_queued(model: FakeModel) -> None:
     assert [await t for t in tasks] == [[i * 10] for i in range(5)]
 
 
-async def test_an_idle_slot_can_be_claimed_and_queued_work_waits_for_it(model: FakeModel) -> None:
-    b = Batcher(model, max_batch_size=8)
-    b.start()
-    assert await b.claim_if_idle()  # idle: the lone request may skip the queue
-    assert not await b.claim_if_idle()  # the only slot is taken
+async def test_an_idle_model_runs_a_lone_input_alone_and_queued_work_waits_for_it(model: FakeModel) -> None:
+    alone = FakeModel()
+    b = batcher(model, alone, max_batch_size=8)
+    lone = asyncio.create_task(submit(b, 4))
+    await alone.started.wait()  # idle: the lone input took the fast path and holds the only slot
     waiting = asyncio.create_task(submit(b, 5))
     await settle()
-    assert model.batches == []  # queued behind the claimed slot
-    b.release()
+    assert model.batches == []  # queued behind it, not run beside it
+    alone.release.set()
     model.release.set()
-    assert await waiting == [50]
+    assert (await lone, await waiting) == ([40], [50])
+    assert (alone.batches, model.batches) == ([[4]], [[5]])
     await b.close()
 
 
-async def test_no_claim_while_work_is_queued(model: FakeModel) -> None:
-    b = Batcher(model, max_batch_size=8, concurrency=2)
-    b.start()
-    first = asyncio.create_task(submit(b, 0))
+async def test_no_fast_path_for_several_inputs_or_without_a_free_slot(model: FakeModel) -> None:
+    alone = FakeModel()
+    b = batcher(model, alone, max_batch_size=8, concurrency=2)
+    first = asyncio.create_task(submit(b, 0, 1))  # two inputs: always batched
     await model.started.wait()
-    assert await b.claim_if_idle()  # one slot busy, one free, nothing queued: still no one overtaken
-    b.release()
-    with b.admit(1):  # someone admitted (preprocessing): a claim would overtake them
-        assert not await b.claim_if_idle()
+    lone = asyncio.create_task(submit(b, 2))  # one slot busy, one free, nothing queued: alone
+    await alone.started.wait()
+    queued = asyncio.create_task(submit(b, 3))  # no slot free: it queues
+    await settle()
+    assert (model.batches, alone.batches) == ([[0, 1]], [[2]])
+    alone.release.set()
     model.release.set()
-    await first
+    assert (await first, await lone, await queued) == ([0, 10], [20], [30])
+    assert model.batches == [[0, 1], [3]]
     await b.close()

@@ -17,11 +17,14 @@ from typing import Any
 
 import grpc
 import pytest
-from conftest import INT8, request_of
 
-from mobiserve.client.bench.servers import unbatched_server
+from mobiserve.bench.servers import unbatched_server
 from mobiserve.server.app import App
 from mobiserve.v1 import classifier_pb2_grpc as pb_grpc
+
+from helpers import INT8, request_of
+
+pytestmark = pytest.mark.slow  # real processes or whole-sample sweeps
 
 MOBISERVE = str(Path(sys.executable).parent / "mobiserve")
 

@@ -8,12 +8,13 @@ from pathlib import Path
 
 import grpc
 import numpy as np
-from conftest import card_pipeline, request_of
 from PIL import Image
 
 from mobiserve.server.app import App
 from mobiserve.v1 import classifier_pb2 as pb
 from mobiserve.v1 import classifier_pb2_grpc as pb_grpc
+
+from helpers import card_pipeline, request_of
 
 
 def top(response: pb.ClassifyResponse, i: int = 0) -> list[int]:

@@ -7,70 +7,33 @@ import shutil
 import signal
 import socket
 import stat
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import grpc
 import pytest
-from conftest import SYNSETS, request_of
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from mobiserve.v1 import classifier_pb2 as pb
 from mobiserve.v1 import classifier_pb2_grpc as pb_grpc
 
-MOBISERVE = str(Path(sys.executable).parent / "mobiserve")
+from helpers import SYNSETS, free_port, request_of, run, serve
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def run(*args: str, timeout: float = 60, **kw: object) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([MOBISERVE, *args], capture_output=True, text=True, timeout=timeout, **kw)  # type: ignore[call-overload]
-
-
-def wait_serving(target: str, proc: subprocess.Popen[str], limit: float = 60) -> None:
-    with grpc.insecure_channel(target) as ch:
-        stub = health_pb2_grpc.HealthStub(ch)
-        end = time.monotonic() + limit
-        while time.monotonic() < end and proc.poll() is None:
-            try:
-                r = stub.Check(health_pb2.HealthCheckRequest(service="mobiserve.v1.Classifier"), timeout=1)
-                if r.status == health_pb2.HealthCheckResponse.SERVING:
-                    return
-            except grpc.RpcError:
-                pass
-            time.sleep(0.1)
-    proc.kill()
-    raise AssertionError(f"server never became SERVING: {proc.communicate()[1][-2000:]}")
-
-
-def serve(*args: str) -> tuple[subprocess.Popen[str], str]:
-    port = free_port()
-    proc = subprocess.Popen([MOBISERVE, "serve", "--port", str(port), *args], stderr=subprocess.PIPE, text=True)
-    target = f"127.0.0.1:{port}"
-    wait_serving(target, proc)
-    return proc, target
+pytestmark = pytest.mark.slow  # real processes or whole-sample sweeps
 
 
 def test_serve_two_models_by_name_then_sigterm_exits_0(int8_model: Path, fp32_model: Path, jpeg: bytes) -> None:
-    proc, target = serve("--model", f"int8={int8_model}", "--model", f"fp32={fp32_model}", "--synsets", str(SYNSETS))
+    server = serve("--model", f"int8={int8_model}", "--model", f"fp32={fp32_model}", "--synsets", str(SYNSETS))
     try:
-        with grpc.insecure_channel(target) as ch:
+        with grpc.insecure_channel(server.target) as ch:
             stub = pb_grpc.ClassifierStub(ch)
             assert stub.Classify(request_of(jpeg), timeout=30).model == "int8"  # the first is the default
             assert stub.Classify(request_of(jpeg, model="fp32"), timeout=30).model == "fp32"
             names = {m.name: m.is_default for m in stub.ListModels(pb.ListModelsRequest(), timeout=10).models}
             assert names == {"int8": True, "fp32": False}
     finally:
-        proc.send_signal(signal.SIGTERM)
-        _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 0, err[-2000:]
-    assert "event=stopped" in err
+        server.signal(signal.SIGTERM)
+        code = server.wait(60)
+    assert code == 0, server.log[-2000:]
+    assert "event=stopped" in server.log
 
 
 def test_toml_config(tmp_path: Path, int8_model: Path, jpeg: bytes) -> None:
@@ -79,16 +42,15 @@ def test_toml_config(tmp_path: Path, int8_model: Path, jpeg: bytes) -> None:
         f'[server]\ndefault_model = "small"\n\n[[models]]\nname = "small"\npath = "{int8_model}"\n'
         f'max_batch_size = 4\nversion = "2026.11"\n'
     )
-    proc, target = serve("--config", str(config))
+    server = serve("--config", str(config))
     try:
-        with grpc.insecure_channel(target) as ch:
+        with grpc.insecure_channel(server.target) as ch:
             models = pb_grpc.ClassifierStub(ch).ListModels(pb.ListModelsRequest(), timeout=10).models
             assert [(m.name, m.version, m.max_batch_size, m.is_default) for m in models] == [
                 ("small", "2026.11", 4, True)
             ]
     finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.communicate(timeout=60)
+        server.stop()
 
 
 @pytest.mark.parametrize("kind", ["missing", "not onnx"])
@@ -140,9 +102,23 @@ def test_models_pull_verifies_sha256(tmp_path: Path, int8_model: Path) -> None:
 
 
 def test_models_pull_without_network_says_what_to_do(tmp_path: Path) -> None:
-    r = run("models", "pull", "int8", "--from", f"http://127.0.0.1:{free_port()}", "--dir", str(tmp_path))
+    models = tmp_path / "models"
+    r = run("models", "pull", "int8", "--from", f"http://127.0.0.1:{free_port()}", "--dir", str(models))
     assert r.returncode != 0
     assert "--model PATH" in r.stderr and "--from" in r.stderr
+    assert not models.exists()  # no empty folder left behind
+
+
+def test_serve_names_the_default_model_after_the_zoo_entry(tmp_path: Path, int8_model: Path) -> None:
+    mirror = {"MOBISERVE_MODEL_MIRROR": str(int8_model.parent), "MOBISERVE_MODELS": str(tmp_path / "models")}
+    server = serve("--synsets", str(SYNSETS), env=mirror)
+    try:
+        with grpc.insecure_channel(server.target) as ch:
+            models = pb_grpc.ClassifierStub(ch).ListModels(pb.ListModelsRequest(), timeout=10).models
+        assert [m.name for m in models] == ["int8"]
+        assert (tmp_path / "models" / int8_model.name).is_file()  # pulled there, sha256-checked
+    finally:
+        server.stop()
 
 
 @pytest.mark.parametrize(

@@ -14,7 +14,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import card_pipeline, encode
 from PIL import Image
 from test_bad_input import png_bomb
 
@@ -31,6 +30,8 @@ from mobiserve.client import (
     RetryPolicy,
 )
 from mobiserve.server.app import App
+
+from helpers import card_pipeline, encode
 
 
 def target_of(server: App) -> str:
@@ -81,6 +82,7 @@ async def test_top_k_model_and_list_models(server: App, jpeg: bytes) -> None:
     assert described == [("int8", True, 1000, (-1, 3, 224, 224))]
 
 
+@pytest.mark.slow
 async def test_classify_many_over_the_sample_matches_unary_exactly(server: App, sample_images: list[Path]) -> None:
     async with AsyncClient(target_of(server)) as aclient:
         unary = await asyncio.gather(*(aclient.classify(p) for p in sample_images))
@@ -202,7 +204,9 @@ async def test_a_full_queue_is_overloaded_after_grpc_retried_it(server: App, jpe
     batcher = server.servicer.registry.get("int8").batcher  # type: ignore[union-attr]
     before = requests_counted(server, "RESOURCE_EXHAUSTED")
     retry = RetryPolicy(max_attempts=3, initial_backoff_s=0.01, max_backoff_s=0.05)
-    with batcher.admit(batcher.max_queue_size - batcher.admitted):  # the queue is full until the block ends
+    full = batcher.max_queue_size - batcher.admitted
+    batcher.admitted += full  # the queue is full (as if that many images waited) until the block ends
+    try:
         async with AsyncClient(target_of(server), retry=None) as client:
             with pytest.raises(Overloaded, match="overloaded"):
                 await client.classify(jpeg)
@@ -215,6 +219,8 @@ async def test_a_full_queue_is_overloaded_after_grpc_retried_it(server: App, jpe
             with pytest.raises(Overloaded):
                 await client.classify(jpeg)
         assert requests_counted(server, "RESOURCE_EXHAUSTED") == before + 1 + retry.max_attempts
+    finally:
+        batcher.admitted -= full
     async with AsyncClient(target_of(server), retry=retry) as client:
         assert len((await client.classify(jpeg)).classes) == 5
 

@@ -11,11 +11,11 @@ import os
 from pathlib import Path
 
 import pytest
-from conftest import SYNSETS
-from serverproc import MOBISERVE, free_port
 
 from mobiserve.client import AsyncClient
 from mobiserve.server.app import App
+
+from helpers import MOBISERVE, SYNSETS, free_port
 
 
 async def run(*args: str, env: dict[str, str] | None = None) -> tuple[int, str, str]:
@@ -97,6 +97,7 @@ async def test_errors_exit_1_with_one_line(server: App, tmp_path: Path, name: st
     assert err.startswith("mobiserve: error: ") and words.format(**fill) in err, err
 
 
+@pytest.mark.slow
 async def test_validate_the_sample_reaches_the_cards_accuracy(server: App, sample_images: list[Path]) -> None:
     folder = sample_images[0].parent
     code, out, err = await run("validate", str(folder), "--target", target_of(server), "--json")

@@ -11,11 +11,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import serverproc
-from conftest import SYNSETS
 from prometheus_client.parser import text_string_to_metric_families
 
 from mobiserve.client import Client, RetryPolicy, Unavailable
+
+import helpers
+from helpers import SYNSETS
+
+pytestmark = pytest.mark.slow  # real processes or whole-sample sweeps
 
 # Reconnect quickly once a server appears; gRPC's default waits 1 s, then 1.6 s, 2.6 s, ...
 FAST_RECONNECT = [("grpc.initial_reconnect_backoff_ms", 100), ("grpc.max_reconnect_backoff_ms", 500)]
@@ -36,7 +39,7 @@ def classified(metrics_port: int) -> float:
 
 
 def test_a_call_made_before_the_server_starts_succeeds_through_retries(int8_model: Path, jpeg: bytes) -> None:
-    port = serverproc.free_port()
+    port = helpers.free_port()
     target = f"127.0.0.1:{port}"
     with Client(target, retry=None, options=FAST_RECONNECT) as client, pytest.raises(Unavailable):
         client.classify(jpeg)  # nothing listens yet: without retries the call fails at once
@@ -44,7 +47,7 @@ def test_a_call_made_before_the_server_starts_succeeds_through_retries(int8_mode
     patient = RetryPolicy(max_attempts=5, initial_backoff_s=1.0, max_backoff_s=8.0, backoff_multiplier=2.0)
     with Client(target, retry=patient, timeout=60, options=FAST_RECONNECT) as client, ThreadPoolExecutor(1) as pool:
         pending = pool.submit(client.classify, jpeg)
-        server = serverproc.start("--port", str(port), "--model", str(int8_model), "--synsets", str(SYNSETS))
+        server = helpers.serve("--port", str(port), "--model", str(int8_model), "--synsets", str(SYNSETS))
         try:
             result = pending.result(timeout=90)
         finally:
@@ -54,12 +57,12 @@ def test_a_call_made_before_the_server_starts_succeeds_through_retries(int8_mode
 
 
 def test_round_robin_spreads_calls_over_two_server_processes(int8_model: Path) -> None:
-    metrics_ports = [serverproc.free_port(), serverproc.free_port()]
-    servers: list[serverproc.ServerProcess] = []
+    metrics_ports = [helpers.free_port(), helpers.free_port()]
+    servers: list[helpers.ServerProcess] = []
     try:
         for metrics_port in metrics_ports:
             servers.append(
-                serverproc.start(
+                helpers.serve(
                     "--model", str(int8_model), "--synsets", str(SYNSETS), "--metrics-port", str(metrics_port)
                 )
             )

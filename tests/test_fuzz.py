@@ -18,13 +18,14 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
-from conftest import encode, request_of
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
 from mobiserve.server.processing.preprocess import ImageLimits, InvalidImage, preprocess_encoded
 from mobiserve.v1 import classifier_pb2_grpc as pb_grpc
+
+from helpers import encode, request_of
 
 EXAMPLES = int(os.environ.get("MOBISERVE_FUZZ_EXAMPLES", "1000"))
 # a smaller pixel limit than the server's default keeps each example fast; the code path is the same
@@ -111,6 +112,7 @@ def test_random_bytes_behind_a_real_magic_number_are_refused_cleanly(magic: byte
     check(magic + rest)
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 @FUZZ
 @given(mutated())
@@ -123,6 +125,7 @@ def test_the_seeds_themselves_decode() -> None:
         assert preprocess_encoded(data, LIMITS).shape == (224, 224, 3)
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 async def test_mutated_images_over_grpc_get_ok_or_invalid_argument(
     stub: pb_grpc.ClassifierStub, sample_images: list[Path]

@@ -23,13 +23,23 @@ from pathlib import Path
 import grpc
 import pytest
 import pytest_asyncio
-import serverproc
-from conftest import SYNSETS, model_config, request_of, start_server
 
 from mobiserve.server.app import App
 from mobiserve.server.transport.errorlog import ErrorLog
 from mobiserve.v1 import classifier_pb2 as pb
 from mobiserve.v1 import classifier_pb2_grpc as pb_grpc
+
+from helpers import (
+    SYNSETS,
+    ServerProcess,
+    free_port,
+    model_config,
+    request_of,
+    serve,
+    start_server,
+    tcp_connections,
+    threads_of,
+)
 
 # The client's connection preface: the HTTP/2 magic and an empty SETTINGS frame, then nothing.
 H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + bytes([0, 0, 0, 4, 0, 0, 0, 0, 0])
@@ -50,10 +60,10 @@ IDLE_S, KEEPALIVE_S, AGE_S = 1.0, 1.0, 6.0
 
 
 @pytest_asyncio.fixture(scope="module")
-async def limited(int8_model: Path) -> AsyncIterator[serverproc.ServerProcess]:
+async def limited(int8_model: Path) -> AsyncIterator[ServerProcess]:
     """A server with short connection limits, so the tests see them act in seconds."""
     proc = await asyncio.to_thread(
-        serverproc.start,
+        serve,
         "--model",
         f"int8={int8_model}",
         "--synsets",
@@ -87,7 +97,7 @@ def closed_by_peer(sock: socket.socket) -> bool:
         return True
 
 
-def test_connections_that_only_send_the_preface_are_closed_when_idle(limited: serverproc.ServerProcess) -> None:
+def test_connections_that_only_send_the_preface_are_closed_when_idle(limited: ServerProcess) -> None:
     socks = []
     try:
         for _ in range(200):
@@ -121,18 +131,16 @@ STALLED_CLIENT = textwrap.dedent(
 )
 
 
-def test_a_peer_that_stops_answering_is_cut_off_even_with_a_call_open(limited: serverproc.ServerProcess) -> None:
+def test_a_peer_that_stops_answering_is_cut_off_even_with_a_call_open(limited: ServerProcess) -> None:
     """A client frozen with a call open (as a vanished host looks): the kernel still acknowledges
     TCP, so only the server's keepalive pings find it; the open call keeps the idle limit away."""
     client = subprocess.Popen([sys.executable, "-c", STALLED_CLIENT, limited.target], stdout=subprocess.PIPE, text=True)
     try:
         assert client.stdout is not None and client.stdout.readline().strip() == "watching"
 
-        (peer,) = {
-            r for loc, r, st in serverproc.tcp_connections(limited.port) if loc == limited.port and st == "ESTABLISHED"
-        }
+        (peer,) = {r for loc, r, st in tcp_connections(limited.port) if loc == limited.port and st == "ESTABLISHED"}
         client.send_signal(signal.SIGSTOP)
-        states = lambda: {st for loc, r, st in serverproc.tcp_connections(limited.port) if r == peer}
+        states = lambda: {st for loc, r, st in tcp_connections(limited.port) if r == peer}
         # keepalive time + timeout, with room; the age limit would only act after AGE_S
         assert wait_until(lambda: "ESTABLISHED" not in states(), AGE_S * 0.9 - 1), states()
     finally:
@@ -142,7 +150,7 @@ def test_a_peer_that_stops_answering_is_cut_off_even_with_a_call_open(limited: s
 
 @pytest.mark.slow
 async def test_max_connection_age_moves_clients_to_new_connections_without_failing_calls(
-    limited: serverproc.ServerProcess, jpeg: bytes
+    limited: ServerProcess, jpeg: bytes
 ) -> None:
     ports: set[int] = set()
     calls = 0
@@ -152,18 +160,15 @@ async def test_max_connection_age_moves_clients_to_new_connections_without_faili
         while asyncio.get_running_loop().time() < end:
             await stub.Classify(request_of(jpeg), timeout=30)  # every call succeeds
             calls += 1
-            ports |= {
-                loc
-                for loc, r, st in serverproc.tcp_connections(limited.port)
-                if r == limited.port and st == "ESTABLISHED"
-            }
+            ports |= {loc for loc, r, st in tcp_connections(limited.port) if r == limited.port and st == "ESTABLISHED"}
             await asyncio.sleep(0.05)
     assert calls > 20
     assert len(ports) >= 2, f"one connection for {AGE_S * 1.1 + 2:.0f} s with a {AGE_S:.0f} s age limit: {ports}"
 
 
 def test_connection_flags_and_toml_keys_reach_the_grpc_server(tmp_path: Path, int8_model: Path) -> None:
-    from mobiserve.server.cli import _server_config, build_parser
+    from mobiserve.common.command import build_parser
+    from mobiserve.server.cli import _server_config
     from mobiserve.server.config import ServerConfig, load_toml
     from mobiserve.server.transport.connections import connection_options
 
@@ -330,7 +335,7 @@ async def test_callers_that_keep_sending_do_not_hold_a_draining_server_open(int8
     the server exits once what it accepted is answered, not when the callers fall silent (they
     never do) or the grace runs out; every call ends OK or UNAVAILABLE (retryable), none CANCELLED."""
     proc = await asyncio.to_thread(
-        serverproc.start, "--model", f"int8={int8_model}", "--synsets", str(SYNSETS), "--grace-period", "60"
+        serve, "--model", f"int8={int8_model}", "--synsets", str(SYNSETS), "--grace-period", "60"
     )
     outcomes: Counter[str] = Counter()
     signalled = asyncio.Event()
@@ -375,9 +380,9 @@ async def test_callers_that_keep_sending_do_not_hold_a_draining_server_open(int8
 
 @pytest.mark.slow
 async def test_idle_metrics_connections_take_no_thread_and_are_closed(int8_model: Path) -> None:
-    metrics_port = serverproc.free_port()
+    metrics_port = free_port()
     proc = await asyncio.to_thread(
-        serverproc.start,
+        serve,
         "--model",
         f"int8={int8_model}",
         "--synsets",
@@ -387,13 +392,13 @@ async def test_idle_metrics_connections_take_no_thread_and_are_closed(int8_model
     )
     socks: list[socket.socket] = []
     try:
-        before = proc.threads()
+        before = threads_of(proc.pid)
         for _ in range(200):
             s = socket.create_connection(("127.0.0.1", metrics_port), timeout=10)
             s.setblocking(False)
             socks.append(s)
         await asyncio.sleep(1)  # time for a thread per connection to appear, if one would
-        during = proc.threads()
+        during = threads_of(proc.pid)
         url = f"http://127.0.0.1:{metrics_port}/metrics"
         page = await asyncio.to_thread(lambda: urllib.request.urlopen(url, timeout=10).read().decode())
         open_ = set(range(len(socks)))
@@ -425,7 +430,8 @@ async def test_list_models_names_the_model_file_and_its_sha256_not_its_path(
 
 
 async def test_an_operator_can_opt_in_to_full_model_paths(int8_model: Path) -> None:
-    from mobiserve.server.cli import _server_config, build_parser
+    from mobiserve.common.command import build_parser
+    from mobiserve.server.cli import _server_config
 
     parse = lambda *flags: _server_config(build_parser().parse_args(["serve", "--model", str(int8_model), *flags]))
     assert not parse().expose_model_paths and parse("--expose-model-paths").expose_model_paths

@@ -6,13 +6,14 @@ import asyncio
 from pathlib import Path
 
 import grpc
-from conftest import model_config, request_of
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 
 from mobiserve.server.app import App, create_app
 from mobiserve.server.config import ServerConfig
 from mobiserve.v1 import classifier_pb2_grpc as pb_grpc
+
+from helpers import model_config, request_of
 
 SERVICES = ("", "mobiserve.v1.Classifier")
 

@@ -12,13 +12,14 @@ from pathlib import Path
 
 import grpc
 import pytest
-from conftest import model_config, request_of, start_server
 from prometheus_client.parser import text_string_to_metric_families
 
 from mobiserve.server.metrics_http import MetricsServer
 from mobiserve.server.transport.errorlog import ErrorLog
 from mobiserve.v1 import classifier_pb2 as pb
 from mobiserve.v1 import classifier_pb2_grpc as pb_grpc
+
+from helpers import model_config, request_of, start_server
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 

@@ -15,11 +15,12 @@ from pathlib import Path
 import grpc
 import pytest
 import pytest_asyncio
-from conftest import model_config, request_of, start_server
 
 from mobiserve.server.app import App
 from mobiserve.v1 import classifier_pb2 as pb
 from mobiserve.v1 import classifier_pb2_grpc as pb_grpc
+
+from helpers import model_config, request_of, start_server
 
 FLOOD_CLIENTS = 4
 FLOOD_REQUESTS = 12  # per client
@@ -75,6 +76,7 @@ async def _probe(client: pb_grpc.ClassifierStub, image: bytes) -> list[float]:
     return seconds
 
 
+@pytest.mark.slow
 async def test_a_flooded_model_does_not_starve_the_other(
     client: pb_grpc.ClassifierStub, sample_images: list[Path]
 ) -> None:

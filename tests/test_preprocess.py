@@ -6,15 +6,17 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import card_pipeline, encode
 from PIL import Image
 
 from mobiserve.server.processing.normalize import assemble
 from mobiserve.server.processing.preprocess import ImageLimits, InvalidImage, decode, preprocess_encoded
 
+from helpers import card_pipeline, encode
+
 LIMITS = ImageLimits()
 
 
+@pytest.mark.slow
 def test_bit_exact_with_the_card_pipeline_on_every_sample_image(sample_images: list[Path]) -> None:
     for path in sample_images:
         ours = assemble([preprocess_encoded(path.read_bytes(), LIMITS)])[0]

@@ -20,7 +20,6 @@ import grpc
 import numpy as np
 import pytest
 import pytest_asyncio
-from conftest import encode, model_config, request_of, start_server
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from PIL import Image
 from test_bad_input import png_bomb
@@ -29,6 +28,8 @@ from mobiserve.server.app import App
 from mobiserve.server.transport.servicer import SHUTTING_DOWN
 from mobiserve.v1 import classifier_pb2 as pb
 from mobiserve.v1 import classifier_pb2_grpc as pb_grpc
+
+from helpers import encode, model_config, request_of, start_server
 
 QUEUE_LIMIT = 8  # images
 MAX_IMAGES = 8
@@ -294,7 +295,8 @@ async def test_each_limit_is_a_clear_refusal(
 
 
 def test_limits_and_knobs_come_from_the_serve_flags(int8_model: Path) -> None:
-    from mobiserve.server.cli import _server_config, build_parser
+    from mobiserve.common.command import build_parser
+    from mobiserve.server.cli import _server_config
 
     args = build_parser().parse_args(
         [

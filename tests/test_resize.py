@@ -68,6 +68,7 @@ def check_sample(path: Path) -> tuple[str | None, bool]:
     return failure, vertical_first(pixels, resized)
 
 
+@pytest.mark.slow
 def test_every_sample_image_is_bit_exact() -> None:
     if not SAMPLE.is_dir():
         pytest.fail(f"test data missing: {SAMPLE} (tests read ../shared beside the project)")

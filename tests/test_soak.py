@@ -24,13 +24,16 @@ from pathlib import Path
 import grpc
 import pytest
 import pytest_asyncio
-import serverproc
-from conftest import SYNSETS, request_of
 from test_bad_input import png_bomb
 
 from mobiserve.server.transport.servicer import SHUTTING_DOWN
 from mobiserve.v1 import classifier_pb2 as pb
 from mobiserve.v1 import classifier_pb2_grpc as pb_grpc
+
+import helpers
+from helpers import SYNSETS, request_of
+
+pytestmark = pytest.mark.slow  # real processes or whole-sample sweeps
 
 SOAK_SECONDS = float(os.environ.get("MOBISERVE_SOAK_SECONDS", "30"))
 STREAMS, UNARY_CALLERS = 64, 16
@@ -95,9 +98,9 @@ class Tally:
 
 
 @pytest_asyncio.fixture
-async def process(int8_model: Path) -> AsyncIterator[serverproc.ServerProcess]:
+async def process(int8_model: Path) -> AsyncIterator[helpers.ServerProcess]:
     proc = await asyncio.to_thread(
-        serverproc.start, "--model", f"int8={int8_model}", "--synsets", str(SYNSETS), "--log-level", "INFO"
+        helpers.serve, "--model", f"int8={int8_model}", "--synsets", str(SYNSETS), "--log-level", "INFO"
     )
     try:
         yield proc
@@ -197,7 +200,7 @@ async def stream_worker(stub: pb_grpc.ClassifierStub, inputs: Inputs, tally: Tal
         n += 1
 
 
-async def sample_rss(server: serverproc.ServerProcess, tally: Tally, samples: list[int], until: float) -> None:
+async def sample_rss(server: helpers.ServerProcess, tally: Tally, samples: list[int], until: float) -> None:
     """Measurement, not synchronisation: RSS every 0.2 s from warm-up to the end of the run."""
     await tally.warm.wait()
     loop = asyncio.get_running_loop()
@@ -208,7 +211,7 @@ async def sample_rss(server: serverproc.ServerProcess, tally: Tally, samples: li
 
 @pytest.mark.timeout(SOAK_SECONDS + 300)
 async def test_soak_chaos_every_request_answered_right_and_memory_flat(
-    process: serverproc.ServerProcess, sample_images: list[Path]
+    process: helpers.ServerProcess, sample_images: list[Path]
 ) -> None:
     async with grpc.aio.insecure_channel(process.target) as channel:
         stub = pb_grpc.ClassifierStub(channel)
@@ -257,7 +260,7 @@ async def test_soak_chaos_every_request_answered_right_and_memory_flat(
 
 @pytest.mark.timeout(300)
 async def test_sigterm_under_load_answers_everything_accepted_then_exits_0(
-    process: serverproc.ServerProcess, jpeg: bytes
+    process: helpers.ServerProcess, jpeg: bytes
 ) -> None:
     """Callers keep sending through the signal. Each call ends OK or with a clean refusal
     (UNAVAILABLE: shutting down or connection refused), never cancelled or lost; streams answer

@@ -17,7 +17,6 @@ from pathlib import Path
 import grpc
 import pytest
 import pytest_asyncio
-from conftest import SYNSETS, model_config, request_of, start_server
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -25,6 +24,8 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from mobiserve.server.app import App
 from mobiserve.v1 import classifier_pb2_grpc as pb_grpc
+
+from helpers import SYNSETS, model_config, request_of, start_server
 
 MOBISERVE = str(Path(sys.executable).parent / "mobiserve")
 

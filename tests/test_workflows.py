@@ -17,16 +17,19 @@ import grpc
 import numpy as np
 import onnx
 import pytest
-from conftest import SAMPLE, SYNSETS, model_config, request_of, start_server
 from onnx import TensorProto, helper
 
-from mobiserve.server.cli import main
-from mobiserve.server.processing.labels import Labels
+from mobiserve.common.command import main
+from mobiserve.common.labels import Labels
 from mobiserve.server.processing.preprocess import ImageLimits, preprocess_encoded
 from mobiserve.server.runtime.model import Model
 from mobiserve.server.runtime.session import SessionTuning
 from mobiserve.server.workflows.dataset import spread
 from mobiserve.v1 import classifier_pb2_grpc as pb_grpc
+
+from helpers import SAMPLE, SYNSETS, model_config, request_of, start_server
+
+pytestmark = pytest.mark.slow  # real processes or whole-sample sweeps
 
 # The card's pipeline on the shared sample (../shared/models/README.md): top-1, top-5.
 REFERENCE = {"int8": (0.8350, 0.9515), "fp32": (0.8291, 0.9650)}

@@ -1,5 +1,5 @@
 """The asyncio dynamic batcher."""
 
-from mobiserve.server.batching.batcher import Admission, Batched, Batcher
+from mobiserve.server.batching.batcher import Answered, Batcher, Stages
 
-__all__ = ["Admission", "Batched", "Batcher"]
+__all__ = ["Answered", "Batcher", "Stages"]

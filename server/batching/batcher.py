@@ -1,10 +1,17 @@
-"""One asyncio dynamic batcher per model.
+"""One asyncio dynamic batcher per model: the only way from a request to the model.
 
-While every session is busy, submitted items accumulate; as soon as a session is free it takes
-everything queued (up to `max_batch_size` items) at once. With no queue delay configured an idle
-server therefore adds no wait to a lone request; `max_queue_delay_s` lets a batch fill for at most
-that long after its first item arrived. Items, not requests, are the unit: a request's images may
-share a batch with other requests' images and may span several batches.
+A request's inputs are admitted (queue room reserved, or refused at once), prepared one by one
+(validated and preprocessed, so a bad input fails alone and never joins a batch), queued, and
+answered when the batches that carried them have run. While every session is busy, prepared
+items accumulate; as soon as a session is free it takes everything queued (up to
+`max_batch_size` items) at once. With no queue delay configured an idle model therefore adds no
+wait to a lone request; `max_queue_delay_s` lets a batch fill for at most that long after its
+first item arrived. Items, not requests, are the unit: a request's inputs may share a batch with
+other requests' inputs and may span several batches.
+
+An idle model (nothing admitted or queued, a session free) runs a lone input in one trip
+(`Stages.run_alone`: prepare and run together), skipping the queue and a thread handoff; it
+holds a session slot like any batch, so work arriving meanwhile queues behind it.
 
 Everything here runs on one event loop, so the queue, counters and the wake-up event need no
 locks: between two awaits nothing else touches them.
@@ -17,23 +24,42 @@ import logging
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
-from mobiserve.server.errors import DeadlineExceeded, InferenceFailed, InvalidInput, Overloaded, Unavailable
+from mobiserve.server.errors import (
+    DeadlineExceeded,
+    InferenceFailed,
+    InvalidInput,
+    MobiserveError,
+    Overloaded,
+    Unavailable,
+)
 
-T = TypeVar("T")
-R = TypeVar("R")
+I = TypeVar("I")  # noqa: E741  (an input, as a request carries it)
+T = TypeVar("T")  # an item ready to join a batch
+R = TypeVar("R")  # one item's result
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
-class Batched(Generic[R]):
-    """One item's result and how it got there."""
+class Stages(Generic[I, T, R]):
+    """The work the batcher schedules. Each stage runs off the event loop and is awaited here."""
 
-    value: R
-    queue_s: float  # submitted until its batch started
-    inference_s: float  # the batch's run
-    batch_size: int
+    prepare: Callable[[int, I, float | None], Awaitable[T]]  # (index, input, deadline) -> item
+    run_batch: Callable[[list[T]], Awaitable[Sequence[R]]]  # items -> one result each, in order
+    # an idle model's lone input, prepared and run in one trip -> (result, seconds spent preparing)
+    run_alone: Callable[[I, float | None], Awaitable[tuple[R, float]]] | None = None
+
+
+@dataclass(frozen=True)
+class Answered(Generic[R]):
+    """A request's results, in input order, and where its time went."""
+
+    values: list[R]
+    preprocess_s: float  # preparing all its inputs (concurrently)
+    queue_s: float  # the longest wait of its items, from queued until their batch started
+    inference_s: float  # the run time of the batches that carried it, each counted once
+    batch_size: int  # the largest of those batches
 
 
 class Admission:
@@ -43,7 +69,7 @@ class Admission:
     it. Use as a context manager: whatever was not consumed by a batch is released on exit.
     """
 
-    def __init__(self, batcher: Batcher[T, R], count: int):  # type: ignore[type-var]
+    def __init__(self, batcher: Batcher[Any, Any, Any], count: int):
         self._batcher = batcher
         self.remaining = count
 
@@ -59,11 +85,18 @@ class Admission:
         self.consume(self.remaining)
 
 
+@dataclass(frozen=True)
+class _Run:
+    started: float
+    took: float
+    size: int
+
+
 @dataclass
 class _Pending(Generic[T, R]):
     item: T
     admission: Admission
-    future: asyncio.Future[Batched[R]]
+    future: asyncio.Future[tuple[R, _Run]]
     enqueued: float
     deadline: float | None = field(default=None)
 
@@ -78,10 +111,10 @@ def _set_exception(future: asyncio.Future[R], exc: BaseException) -> None:
         future.set_exception(exc)
 
 
-class Batcher(Generic[T, R]):
+class Batcher(Generic[I, T, R]):
     def __init__(
         self,
-        run_batch: Callable[[list[T]], Awaitable[Sequence[R]]],
+        stages: Stages[I, T, R],
         *,
         max_batch_size: int,
         max_queue_delay_s: float = 0.0,
@@ -95,9 +128,9 @@ class Batcher(Generic[T, R]):
         self.name = name
         self.max_batch_size = max_batch_size
         self.max_queue_delay_s = max_queue_delay_s
-        self.max_queue_size = max_queue_size  # images; 0 = unbounded
-        self.admitted = 0  # images reserved and not yet in a batch
-        self._run_batch = run_batch
+        self.max_queue_size = max_queue_size  # items; 0 = unbounded
+        self.admitted = 0  # items reserved and not yet in a batch
+        self._stages = stages
         self._on_batch = on_batch
         self._queue: deque[_Pending[T, R]] = deque()
         self._arrived = asyncio.Event()
@@ -106,21 +139,52 @@ class Batcher(Generic[T, R]):
         self._closing = False
         self._loop_task: asyncio.Task[None] | None = None
 
-    async def claim_if_idle(self) -> bool:
-        """Take a session slot for one item that skips the queue, if nothing is admitted or
-        queued and a slot is free: then it overtakes no one. Give it back with `release()`."""
-        if self._closing or self.admitted or self._queue or self._slots.locked():
-            return False
-        await self._slots.acquire()  # free: returns without suspending
-        return True
-
-    def release(self) -> None:
-        self._slots.release()
-
     def start(self) -> None:
         self._loop_task = asyncio.get_running_loop().create_task(self._loop(), name=f"batcher:{self.name}")
 
-    def admit(self, count: int) -> Admission:
+    async def submit(self, inputs: Sequence[I], deadline: float | None = None) -> Answered[R]:
+        """Admit, prepare and queue `inputs`, and wait for their results. `deadline` is on the
+        loop's clock. Raises Overloaded (queue full) or Unavailable (closing) before any work."""
+        loop = asyncio.get_running_loop()
+        if len(inputs) == 1 and self._stages.run_alone is not None and await self._claim_if_idle():
+            try:
+                return await self._alone(inputs[0], deadline)
+            finally:
+                self._slots.release()
+        with self._admit(len(inputs)) as admission:
+            started = loop.time()
+            items = await asyncio.gather(*(self._stages.prepare(i, x, deadline) for i, x in enumerate(inputs)))
+            preprocess_s = loop.time() - started
+            now = loop.time()
+            pending = [_Pending(item, admission, loop.create_future(), now, deadline) for item in items]
+            self._queue.extend(pending)
+            self._arrived.set()
+            try:
+                done = await asyncio.gather(*(p.future for p in pending))
+            except BaseException:
+                # caller cancelled or one item failed: the rest leave the queue (skipped when drained)
+                for p in pending:
+                    p.future.cancel()
+                raise
+        runs = {id(run): run for _, run in done}.values()
+        return Answered(
+            values=[value for value, _ in done],
+            preprocess_s=preprocess_s,
+            queue_s=max(run.started - p.enqueued for p, (_, run) in zip(pending, done)),
+            inference_s=sum(run.took for run in runs),
+            batch_size=max(run.size for run in runs),
+        )
+
+    async def close(self) -> None:
+        """Run everything already queued, then stop. Call after the transport stopped taking work."""
+        self._closing = True
+        self._arrived.set()
+        if self._loop_task is not None:
+            await self._loop_task
+        if self._running:
+            await asyncio.gather(*self._running, return_exceptions=True)
+
+    def _admit(self, count: int) -> Admission:
         """Reserve room for `count` items or refuse at once (Overloaded)."""
         if self._closing:
             raise Unavailable("the server is shutting down")
@@ -136,29 +200,28 @@ class Batcher(Generic[T, R]):
         self.admitted += count
         return Admission(self, count)
 
-    async def submit(self, admission: Admission, items: Sequence[T], deadline: float | None = None) -> list[Batched[R]]:
-        """Queue items and wait for their results, in order. `deadline` is on the loop's clock."""
-        loop = asyncio.get_running_loop()
-        now = loop.time()
-        pending = [_Pending(item, admission, loop.create_future(), now, deadline) for item in items]
-        self._queue.extend(pending)
-        self._arrived.set()
-        try:
-            return list(await asyncio.gather(*(p.future for p in pending)))
-        except BaseException:
-            # caller cancelled or one item failed: the rest leave the queue (skipped when drained)
-            for p in pending:
-                p.future.cancel()
-            raise
+    async def _claim_if_idle(self) -> bool:
+        """Take a session slot for a lone input that skips the queue, if nothing is admitted or
+        queued and a slot is free: then it overtakes no one."""
+        if self._closing or self.admitted or self._queue or self._slots.locked():
+            return False
+        await self._slots.acquire()  # free: returns without suspending
+        return True
 
-    async def close(self) -> None:
-        """Run everything already queued, then stop. Call after the transport stopped taking work."""
-        self._closing = True
-        self._arrived.set()
-        if self._loop_task is not None:
-            await self._loop_task
-        if self._running:
-            await asyncio.gather(*self._running, return_exceptions=True)
+    async def _alone(self, value: I, deadline: float | None) -> Answered[R]:
+        assert self._stages.run_alone is not None
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        try:
+            result, preprocess_s = await self._stages.run_alone(value, deadline)
+        except MobiserveError:
+            raise  # the input's own fault (or its deadline): it fails alone, as in `prepare`
+        except Exception as exc:
+            raise self._failed(1, exc) from None
+        took = loop.time() - started - preprocess_s
+        if self._on_batch is not None:
+            self._on_batch(1, took)
+        return Answered([result], preprocess_s, 0.0, took, 1)
 
     async def _loop(self) -> None:
         while (batch := await self._next_batch()) is not None:
@@ -207,24 +270,25 @@ class Batcher(Generic[T, R]):
         loop = asyncio.get_running_loop()
         started = loop.time()
         try:
-            results = await self._run_batch([p.item for p in batch])
+            results = await self._stages.run_batch([p.item for p in batch])
             if len(results) != len(batch):
                 raise RuntimeError(f"the model returned {len(results)} results for a batch of {len(batch)}")
         except Exception as exc:
-            log.error(
-                "event=batch_failed model=%s batch_size=%d reason=%r", self.name, len(batch), str(exc), exc_info=exc
-            )
-            failure = InferenceFailed(f"inference failed for this batch: {exc}")
+            failure = self._failed(len(batch), exc)
             for p in batch:
                 _set_exception(p.future, failure)
         else:
-            took = loop.time() - started
+            run = _Run(started, loop.time() - started, len(batch))
             if self._on_batch is not None:
-                self._on_batch(len(batch), took)
+                self._on_batch(run.size, run.took)
             for p, value in zip(batch, results):
-                _set_result(p.future, Batched(value, started - p.enqueued, took, len(batch)))
+                _set_result(p.future, (value, run))
         finally:
             self._slots.release()
+
+    def _failed(self, size: int, exc: Exception) -> InferenceFailed:
+        log.error("event=batch_failed model=%s batch_size=%d reason=%r", self.name, size, str(exc), exc_info=exc)
+        return InferenceFailed(f"inference failed for this batch: {exc}")
 
     def _finished(self, task: asyncio.Task[None]) -> None:
         self._running.discard(task)

@@ -9,7 +9,8 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     """Row-wise softmax of [N, C] scores, shifted by the max for stability."""
     shifted = logits - logits.max(axis=-1, keepdims=True)
     exp = np.exp(shifted)
-    return exp / exp.sum(axis=-1, keepdims=True)
+    probabilities: np.ndarray = exp / exp.sum(axis=-1, keepdims=True)
+    return probabilities
 
 
 def rank(logits: np.ndarray) -> np.ndarray:

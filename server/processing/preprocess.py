@@ -79,7 +79,8 @@ def _decode_jpeg(data: bytes, limits: ImageLimits) -> np.ndarray | None:
     _check_size(width, height, limits)
     try:
         # strict: a truncated or corrupt stream is an error, not a grey-padded image
-        return simplejpeg.decode_jpeg(data, colorspace="RGB", strict=True)
+        pixels: np.ndarray = simplejpeg.decode_jpeg(data, colorspace="RGB", strict=True)
+        return pixels
     except ValueError as exc:
         raise InvalidImage(f"corrupt or truncated JPEG: {exc}") from None
 
@@ -108,7 +109,7 @@ def _decode_pillow(data: bytes, limits: ImageLimits) -> np.ndarray:
 def _to_rgb(image: Image.Image) -> Image.Image:
     """Any mode -> RGB, as the card's `convert("RGB")`, but 16/32-bit greys keep their range."""
     if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
-        wide = np.asarray(image, dtype=np.uint32 if image.mode == "I" else np.uint16)
+        wide: np.ndarray = np.asarray(image, dtype=np.uint32 if image.mode == "I" else np.uint16)
         image = Image.fromarray((wide >> 8).clip(0, 255).astype(np.uint8))
     elif image.mode == "F":
         image = Image.fromarray(np.nan_to_num(np.asarray(image)).clip(0, 255).astype(np.uint8))

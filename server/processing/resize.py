@@ -69,7 +69,7 @@ def _scratch(slot: str, shape: tuple[int, ...], dtype: type[np.generic]) -> np.n
 class _Taps(NamedTuple):
     """Pillow's resampling coefficients for a run of consecutive outputs of one dimension."""
 
-    index: np.ndarray  # [outputs, taps] source index of each tap
+    source: np.ndarray  # [outputs, taps] source index of each tap
     weight: np.ndarray  # [outputs, taps] int32 fixed-point weight (0 past an output's window)
     clips: bool  # some output could exceed 255, so Pillow's clip8 would matter
 
@@ -206,15 +206,15 @@ def resize_crop(pixels: np.ndarray, resized: tuple[int, int], crop: tuple[int, i
     if columns is not None and rows is not None:
         if shrink > 0 and shrink > (width - out_width) * 2:
             # Pillow 13 goes vertical first here: the needed source columns of the kept rows
-            first, last = int(columns.index[0, 0]), int(columns.index[-1, -1]) + 1
+            first, last = int(columns.source[0, 0]), int(columns.source[-1, -1]) + 1
             temp = _scratch("temp", (y1 - y0, (last - first) * 3), np.uint8)
             _vertical(flat, rows, first * 3, last * 3, temp)
             _horizontal(temp, columns, first, inside)
         else:
-            first, last = int(rows.index[0, 0]), int(rows.index[-1, -1]) + 1
+            first, last = int(rows.source[0, 0]), int(rows.source[-1, -1]) + 1
             temp = _scratch("temp", (last - first, (x1 - x0) * 3), np.uint8)
             _horizontal(flat[first:last], columns, 0, temp)
-            shifted = _Taps(rows.index - first, rows.weight, rows.clips)
+            shifted = _Taps(rows.source - first, rows.weight, rows.clips)
             _vertical(temp, shifted, 0, temp.shape[1], inside)
     elif columns is not None:
         _horizontal(flat[y0:y1], columns, 0, inside)

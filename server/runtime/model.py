@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
+from mobiserve.common.labels import Labels
 from mobiserve.server.errors import ModelLoadError
-from mobiserve.server.processing.labels import Labels
 from mobiserve.server.processing.normalize import assemble
 from mobiserve.server.processing.postprocess import rank, softmax
 from mobiserve.server.processing.preprocess import INPUT_SIZE
@@ -22,8 +22,9 @@ from mobiserve.server.runtime.session import SessionTuning, open_session
 
 @dataclass(frozen=True)
 class BatchScores:
-    """Per image of a batch: softmax probabilities and class indices, most probable first."""
+    """Per image of a batch: the model's raw scores, their softmax, and class indices, most probable first."""
 
+    logits: np.ndarray  # [N, C] float32, the model's output
     probabilities: np.ndarray  # [N, C] float32
     order: np.ndarray  # [N, C] int64
 
@@ -71,7 +72,7 @@ class Model:
         batch = assemble(items)
         with self._session(len(items)) as session:
             logits = self._run(session, batch)
-        return BatchScores(softmax(logits), rank(logits))
+        return BatchScores(logits, softmax(logits), rank(logits))
 
     def warm_up(self, max_batch_size: int) -> None:
         """Run every session at each batch size it will meet first: allocations happen now,
@@ -104,7 +105,8 @@ class Model:
             self._free.put(session)
 
     def _run(self, session: ort.InferenceSession, batch: np.ndarray) -> np.ndarray:
-        return session.run([self.output_name], {self.input_name: batch})[0]
+        logits: np.ndarray = session.run([self.output_name], {self.input_name: batch})[0]
+        return logits
 
 
 def _check_signature(session: ort.InferenceSession, path: str | Path) -> tuple[str, str, int]:

@@ -55,7 +55,8 @@ def _undecodable(data: bytes, error: str, name: str) -> Undecodable:
         reason = f"the request is not a valid {name} message (corrupt protobuf wire format)"
     fields: dict[int, str] = {}
     try:
-        for field in UnknownFieldSet(empty_pb2.Empty.FromString(data)):
+        raw = UnknownFieldSet(empty_pb2.Empty.FromString(data))
+        for field in (raw[i] for i in range(len(raw))):
             if field.field_number in (_MODEL_FIELD, _REQUEST_ID_FIELD) and field.wire_type == _LENGTH_DELIMITED:
                 fields[field.field_number] = bytes(field.data).decode("utf-8", "replace")
     except DecodeError:

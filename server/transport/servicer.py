@@ -13,13 +13,13 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncGenerator, AsyncIterator, Iterable
 
 import grpc
 
 from mobiserve.server.errors import DeadlineExceeded, InvalidInput, Unavailable
 from mobiserve.server.metrics import Metrics
-from mobiserve.server.serving import Classified, ModelRegistry
+from mobiserve.server.serving import Classified, ModelRegistry, checked_top_k
 from mobiserve.server.transport.convert import images_of, model_info, response_of
 from mobiserve.server.transport.decode import Undecodable, lenient
 from mobiserve.server.transport.drain import CallGate
@@ -138,7 +138,7 @@ class ClassifierServicer(pb_grpc.ClassifierServicer):
 
     async def _stream(
         self, request_iterator: AsyncIterator[Request], context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[pb.ClassifyResponse]:
+    ) -> AsyncGenerator[pb.ClassifyResponse, None]:
         answers: asyncio.Queue[pb.ClassifyResponse | None] = asyncio.Queue()
         window = asyncio.Semaphore(STREAM_WINDOW)
         handlers: set[asyncio.Task[None]] = set()
@@ -216,7 +216,7 @@ class ClassifierServicer(pb_grpc.ClassifierServicer):
         return pb.ListModelsResponse(
             models=[
                 model_info(
-                    m,
+                    m.description,
                     m.name == registry.default,
                     sha256=self.model_sha256.get(m.name, ""),
                     full_path=self.expose_model_paths,
@@ -250,7 +250,8 @@ class ClassifierServicer(pb_grpc.ClassifierServicer):
             if self.registry is None:
                 raise Unavailable("models are still loading; retry shortly")
             model = self.registry.get(request.model)
-            work = model.classify(images_of(request), request.top_k, deadline)
+            top_k = checked_top_k(request.top_k, model.description.num_classes)
+            work = model.classify(images_of(request), deadline)
             try:
                 result = await (asyncio.wait_for(work, deadline - time.monotonic()) if enforce_deadline else work)
             except TimeoutError:
@@ -258,7 +259,7 @@ class ClassifierServicer(pb_grpc.ClassifierServicer):
                     "the deadline passed before the request could be answered; it was dropped"
                 ) from None
             self._observe(result)
-            return response_of(request, result)
+            return response_of(request, result, top_k)
         except asyncio.CancelledError:
             # the client went away, or the call's deadline passed and gRPC cancelled it (gRPC's
             # own clock decides: ours may read a hair earlier)
@@ -290,7 +291,7 @@ class ClassifierServicer(pb_grpc.ClassifierServicer):
 
     def _observe(self, result: Classified) -> None:
         m, t = self.metrics, result.timing
-        m.images.labels(result.model).inc(len(result.results))
+        m.images.labels(result.model).inc(len(result.scores))
         m.queue_seconds.labels(result.model).observe(t.queue_us / 1e6)
         m.preprocess_seconds.labels(result.model).observe(t.preprocess_us / 1e6)
 

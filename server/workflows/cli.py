@@ -13,11 +13,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from mobiserve.server.cli import fail
-from mobiserve.server.config import IMAGENET_SYNSETS
+from mobiserve.common.command import fail, missing
+from mobiserve.common.labels import IMAGENET_SYNSETS
+from mobiserve.server.cli import SERVER_MODULES
 
 if TYPE_CHECKING:  # the workflows import onnxruntime's quantizer and numpy: only when they run
-    from mobiserve.server.processing.labels import Labels
+    from mobiserve.common.command import Subcommands
+    from mobiserve.common.labels import Labels
     from mobiserve.server.runtime.model import Model
     from mobiserve.server.workflows.evaluate import Accuracy, Skipped
 
@@ -27,7 +29,7 @@ METHODS = ("minmax", "entropy", "percentile")  # quantize.METHODS maps them to o
 CARD_FP32, CARD_INT8, CARD_SPEEDUP = (0.6948, 0.8926), (0.6830, 0.8844), 1.05
 
 
-def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def register(sub: Subcommands) -> None:
     """Add this module's subcommands to the `mobiserve` parser."""
     p = sub.add_parser("evaluate", help="top-1/top-5 and speed of a model on labelled images, in-process")
     p.add_argument("model", metavar="MODEL", help="ONNX model file")
@@ -107,8 +109,10 @@ def _report_skipped(skipped: Sequence[Skipped]) -> None:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
+    if hint := missing("server", *SERVER_MODULES, "tqdm"):
+        return fail(hint)
+    from mobiserve.common.labels import Labels
     from mobiserve.server.errors import ModelLoadError
-    from mobiserve.server.processing.labels import Labels
     from mobiserve.server.runtime.session import available_cores
     from mobiserve.server.workflows import evaluate as ev
     from mobiserve.server.workflows.dataset import DatasetError, labelled_images
@@ -168,10 +172,12 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 
 def _quantize(args: argparse.Namespace) -> int:
+    if hint := missing("server", *SERVER_MODULES, "tqdm", "onnx"):
+        return fail(hint)
     import numpy as np
 
+    from mobiserve.common.labels import Labels
     from mobiserve.server.errors import ModelLoadError
-    from mobiserve.server.processing.labels import Labels
     from mobiserve.server.processing.preprocess import ImageLimits
     from mobiserve.server.runtime.session import available_cores
     from mobiserve.server.workflows import evaluate as ev

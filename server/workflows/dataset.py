@@ -1,6 +1,6 @@
 """Image folders for the offline workflows: which files are images, and which class each shows.
 
-The folder layout is `mobiserve validate`'s (`mobiserve.client.validation.labelled_images`):
+The folder layout is the one `mobiserve validate` reads (`mobiserve.common.datasets`):
 `<wnid>_anything.JPEG` files, or ImageNet-style `<wnid>/` folders; so `validate` (through a
 server) and `evaluate` (in-process) accept exactly the same folders. Here the wnids become the
 model's output indices, and only wnids the synsets file lists count as labels.
@@ -11,8 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from mobiserve.client.validation import labelled_images as find_labelled
-from mobiserve.server.processing.labels import Labels
+from mobiserve.common.datasets import labelled_images as find_labelled
+from mobiserve.common.labels import Labels
 
 
 class DatasetError(ValueError):

@@ -8,6 +8,7 @@ validation folder needs no more memory than the sample.
 
 from __future__ import annotations
 
+import functools
 import statistics
 import time
 from collections import deque
@@ -93,7 +94,7 @@ def read_crops(
     """(index, uint8 crop or Skipped) per path, in order, decoded `threads` at a time."""
     with ThreadPoolExecutor(threads, thread_name_prefix="preprocess") as pool:
         loaded = ordered_map(pool, lambda p: load_crop(p, limits), paths, ahead)
-        yield from enumerate(tqdm(loaded, total=len(paths), desc=desc, unit="img", leave=False))
+        yield from enumerate(tqdm(loaded, total=len(paths), desc=desc, unit="img", leave=False, disable=None))
 
 
 def score(
@@ -173,5 +174,5 @@ def speed(model: Model, samples: Sequence[np.ndarray], batch_sizes: Sequence[int
     """Latency at batch 1 and throughput at each batch size, measured side by side."""
     sizes = sorted({1, *batch_sizes})
     batches = {size: batch_of(samples, size) for size in sizes}
-    medians = interleaved_medians({size: lambda b=batches[size]: model.infer(b) for size in sizes}, rounds)
+    medians = interleaved_medians({size: functools.partial(model.infer, batches[size]) for size in sizes}, rounds)
     return Speed(medians[1] * 1000, {size: size / medians[size] for size in sizes}, rounds)

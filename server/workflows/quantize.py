@@ -98,7 +98,7 @@ def quantize(
         raise QuantizeError("no calibration images could be read")
     with tempfile.TemporaryDirectory(prefix="mobiserve-quantize-") as tmp:
         prepared, score_ops = _prepare(fp32_path, Path(tmp), options.per_channel)
-        progress = tqdm(total=len(crops), desc="calibrating", unit="img", leave=False)
+        progress = tqdm(total=len(crops), desc="calibrating", unit="img", leave=False, disable=None)
         # onnxruntime prints calibration chatter; stdout is for results
         with progress, contextlib.redirect_stdout(sys.stderr):
             quantize_static(

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+IMAGENET_SYNSETS = Path(__file__).parent / "imagenet_synsets.txt"  # ImageNet-1k, in the zoo models' output order
+
 
 @dataclass(frozen=True)
 class Labels:

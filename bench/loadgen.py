@@ -26,7 +26,6 @@ from typing import Any
 
 import grpc
 import numpy as np
-from tqdm import tqdm
 
 from mobiserve.v1 import classifier_pb2 as pb
 from mobiserve.v1 import classifier_pb2_grpc as pb_grpc
@@ -157,6 +156,8 @@ def run_step(
     label: str = "",
 ) -> StepResult:
     """Run one step from `load.processes` spawned workers and return its figures."""
+    from tqdm import tqdm  # the bench extra's; imported when the harness runs, not when it registers
+
     ctx = mp.get_context("spawn")
     sync = _Sync(ctx.Queue(), ctx.Event(), ctx.Value("d", 0.0), ctx.Value("q", load.requests or 0), ctx.Value("q", 0))
     workers = [ctx.Process(target=_worker, args=(workload, load, share, sync), daemon=True) for share in _shares(load)]
@@ -425,7 +426,8 @@ class _Recorder:
     def records(self, cpu_s: float) -> _Records:
         cols = list(zip(*self._rows)) if self._rows else [()] * 9
         dtypes = ("f8", "f8", "i4", "i8", "i8", "i8", "i8", "?", "f8")
-        return _Records(*(np.array(c, dtype=d) for c, d in zip(cols, dtypes)), cpu_s=cpu_s)  # type: ignore[arg-type]
+        names = [f.name for f in fields(_Records) if f.name != "cpu_s"]
+        return _Records(**{n: np.array(c, dtype=d) for n, c, d in zip(names, cols, dtypes)}, cpu_s=cpu_s)
 
 
 async def _closed_loop(

@@ -12,11 +12,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
-from mobiserve.client.bench.baseline import CARD_BATCH, Baseline, PreprocessReport
-from mobiserve.client.bench.loadgen import StepResult
+from mobiserve.bench.baseline import CARD_BATCH, Baseline, PreprocessReport
+from mobiserve.bench.loadgen import StepResult
 from mobiserve.server.runtime.session import available_cores
 
-REFERENCE_CONCURRENCY = 32  # where the issue's throughput targets are stated
+REFERENCE_CONCURRENCY = 32  # where the throughput targets are stated
 
 
 @dataclass(frozen=True)
@@ -35,7 +35,7 @@ class Machine:
 class Ratio:
     name: str
     value: float
-    target: str  # the issue's target, for the reader; nothing is asserted
+    target: str  # the target, for the reader; nothing is asserted
     met: bool | None
 
 
@@ -74,8 +74,15 @@ def machine() -> Machine:
         grpcio=grpc.__version__,
         python=platform.python_version(),
         platform=platform.platform(terse=True),
-        loadavg=tuple(round(x, 2) for x in os.getloadavg()) if hasattr(os, "getloadavg") else None,  # type: ignore[arg-type]
+        loadavg=_loadavg(),
     )
+
+
+def _loadavg() -> tuple[float, float, float] | None:
+    if not hasattr(os, "getloadavg"):
+        return None
+    one, five, fifteen = os.getloadavg()
+    return round(one, 2), round(five, 2), round(fifteen, 2)
 
 
 # ------------------------------------------------------------------------------------------ ratios
@@ -87,10 +94,10 @@ def step_ratios(step: StepResult, report: Report) -> dict[str, float | None]:
     unbatched = next((u for u in report.unbatched if (u.concurrency, u.rate) == (step.concurrency, step.rate)), None)
     jpeg, tensor = (b if step.inputs == "jpeg" else None), (b if step.inputs == "tensor" else None)
     return {
-        "x_card": _ratio(step.img_s, jpeg and jpeg.card_img_s),
-        "x_own": _ratio(step.img_s, jpeg and jpeg.own_img_s),
-        "x_ort": _ratio(step.img_s, tensor and tensor.ort_best_img_s),
-        "x_unbatched": _ratio(step.img_s, unbatched and unbatched.img_s),
+        "x_card": _ratio(step.img_s, jpeg.card_img_s if jpeg else None),
+        "x_own": _ratio(step.img_s, jpeg.own_img_s if jpeg else None),
+        "x_ort": _ratio(step.img_s, tensor.ort_best_img_s if tensor else None),
+        "x_unbatched": _ratio(step.img_s, unbatched.img_s if unbatched else None),
     }
 
 
@@ -99,7 +106,7 @@ def _ratio(value: float, reference: float | None) -> float | None:
 
 
 def headline_ratios(report: Report) -> list[Ratio]:
-    """The issue's targets, at concurrency 32 (else the highest measured) and 1."""
+    """The targets, at concurrency 32 (else the highest measured) and 1."""
     out: list[Ratio] = []
 
     def add(name: str, value: float | None, target: str, met: bool | None) -> None:
@@ -182,7 +189,7 @@ def write_csv(report: Report, path: Path) -> None:
             row = dataclasses.asdict(step)
             row["errors"] = ";".join(f"{k}={v}" for k, v in step.errors.items())
             ratios = step_ratios(step, report) if step.server != "unbatched" else {}
-            writer.writerow(row | {k: "" if ratios.get(k) is None else round(ratios[k], 4) for k in extra})
+            writer.writerow(row | {k: "" if (v := ratios.get(k)) is None else round(v, 4) for k in extra})
 
 
 def write_plot(report: Report, path: Path) -> bool:
@@ -231,7 +238,10 @@ def _load_label(step: StepResult) -> str:
 
 def print_table(report: Report, out: TextIO) -> None:
     m, s = report.machine, report.settings
-    p = lambda *a: print(*a, file=out)
+
+    def p(*parts: object) -> None:
+        print(*parts, file=out)
+
     p(f"mobiserve bench  {report.started}  target {report.target}")
     p(
         f"machine: {m.cpu}, {m.cores} cores, onnxruntime {m.onnxruntime}, grpcio {m.grpcio}, "
@@ -338,7 +348,7 @@ def print_table(report: Report, out: TextIO) -> None:
         )
     if report.ratios:
         p("")
-        p("ratios (targets from issue 4; compare only figures from the same run):")
+        p("ratios against the targets (compare only figures from the same run):")
         for ratio in report.ratios:
             mark = "" if ratio.met is None else ("  ok" if ratio.met else "  SHORT")
             p(f"  {ratio.name:<62} {ratio.value:9.3f}   target {ratio.target}{mark}")

@@ -14,15 +14,17 @@ from contextlib import ExitStack
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from mobiserve.client.bench.loadgen import BenchError, Load, StepResult, Workload
+from mobiserve.bench.loadgen import BenchError, Load, StepResult, Workload
+from mobiserve.common.command import fail, missing
+from mobiserve.common.datasets import IMAGE_SUFFIXES, image_files
+from mobiserve.server.cli import SERVER_MODULES
 
 if TYPE_CHECKING:
-    from mobiserve.client.bench.report import Report
+    from mobiserve.bench.report import Report
+    from mobiserve.common.command import Subcommands
 
-IMAGE_SUFFIXES = {".jpeg", ".jpg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 
-
-def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def register(sub: Subcommands) -> None:
     """Add this module's subcommands to the `mobiserve` parser."""
     p = sub.add_parser(
         "bench",
@@ -104,8 +106,8 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from mobiserve.server.cli import fail
-
+    if hint := missing("bench", *SERVER_MODULES, "tqdm"):
+        return fail(hint)
     try:
         run(args)
     except BenchError as exc:
@@ -114,8 +116,8 @@ def _bench(args: argparse.Namespace) -> int:
 
 
 def run(args: argparse.Namespace) -> None:
-    from mobiserve.client.bench import report as rep
-    from mobiserve.client.bench.servers import is_local, mobiserve_server, unbatched_server
+    from mobiserve.bench import report as rep
+    from mobiserve.bench.servers import is_local, mobiserve_server, unbatched_server
 
     loads = _loads(args)
     images = _images(args.images)
@@ -160,8 +162,8 @@ def run(args: argparse.Namespace) -> None:
 def _sweep(workload: Workload, loads: list[Load], server: str, cores: int, pid: int | None) -> list[StepResult]:
     from tqdm import tqdm
 
-    from mobiserve.client.bench.loadgen import run_step
-    from mobiserve.client.bench.servers import cpu_seconds
+    from mobiserve.bench.loadgen import run_step
+    from mobiserve.bench.servers import cpu_seconds
 
     steps = []
     for load in loads:
@@ -178,7 +180,7 @@ def _sweep(workload: Workload, loads: list[Load], server: str, cores: int, pid: 
 
 
 def _references(report: Report, args: argparse.Namespace, images: list[Path], model_path: str) -> None:
-    from mobiserve.client.bench import baseline
+    from mobiserve.bench import baseline
     from mobiserve.server.config import ModelConfig
     from mobiserve.server.runtime.session import available_cores
 
@@ -241,7 +243,7 @@ def _images(folder: Path | None) -> list[Path]:
         )
     if not folder.is_dir():
         raise BenchError(f"--images: {folder} is not a folder")
-    images = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    images = image_files(folder)
     if not images:
         raise BenchError(f"--images: no image files ({', '.join(sorted(IMAGE_SUFFIXES))}) in {folder}")
     return images
@@ -282,7 +284,7 @@ def _model_info(target: str, model: str) -> dict[str, Any]:
     import grpc
     from google.protobuf.json_format import MessageToDict
 
-    from mobiserve.client.bench.loadgen import CHANNEL_OPTIONS
+    from mobiserve.bench.loadgen import CHANNEL_OPTIONS
     from mobiserve.v1 import classifier_pb2 as pb
     from mobiserve.v1 import classifier_pb2_grpc as pb_grpc
 
@@ -290,9 +292,9 @@ def _model_info(target: str, model: str) -> dict[str, Any]:
         try:
             listed = pb_grpc.ClassifierStub(channel).ListModels(pb.ListModelsRequest(), timeout=30).models
         except grpc.RpcError as exc:
-            if exc.code() == grpc.StatusCode.UNIMPLEMENTED:  # type: ignore[attr-defined]
+            if exc.code() == grpc.StatusCode.UNIMPLEMENTED:
                 return {}
-            raise BenchError(f"cannot list {target}'s models: {exc.code().name}: {exc.details()}") from None  # type: ignore[attr-defined]
+            raise BenchError(f"cannot list {target}'s models: {exc.code().name}: {exc.details()}") from None
     for info in listed:
         if info.name == model or (not model and info.is_default):
             return MessageToDict(info, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
@@ -301,7 +303,7 @@ def _model_info(target: str, model: str) -> dict[str, Any]:
 
 def _model_path(server: dict[str, Any]) -> str:
     """The served ONNX file, for the in-process references and the unbatched server."""
-    path = server.get("path", "")
+    path = str(server.get("path", ""))
     if not path or not Path(path).is_file():
         raise BenchError(
             f"the comparisons load the server's model file, but {path or 'its path'!r} "

@@ -5,15 +5,16 @@ that answers each request with its own onnxruntime call: no batcher. Requests ru
 (decode, crop, normalise, infer) in a thread pool of one thread per core, sharing one session with
 the server's default tuning. Measured beside the batched server, it shows what batching buys.
 
-Run: python -m mobiserve.client.bench.unbatched --model PATH --port PORT
+Run: python -m mobiserve.bench.unbatched --model PATH --port PORT
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import dataclasses
+import logging
 import signal
+import sys
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -21,17 +22,18 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from mobiserve.server.config import IMAGENET_SYNSETS, ModelConfig
+from mobiserve.common.labels import IMAGENET_SYNSETS, Labels
+from mobiserve.server.config import ModelConfig
 from mobiserve.server.metrics import Metrics
-from mobiserve.server.processing.labels import Labels
 from mobiserve.server.processing.preprocess import ImageLimits
 from mobiserve.server.runtime.model import Model
 from mobiserve.server.runtime.session import SessionTuning, available_cores
-from mobiserve.server.serving import Classified, ImageInput, ModelRegistry, checked_top_k, run_whole, top_classes
+from mobiserve.server.serving import Classified, ImageInput, ModelRegistry, Timing, check_count, describe, run_whole
 from mobiserve.server.transport.servicer import ClassifierServicer
 from mobiserve.v1 import classifier_pb2_grpc as pb_grpc
 
 NAME = "unbatched"
+log = logging.getLogger("mobiserve.bench.unbatched")
 
 
 class UnbatchedModel:
@@ -43,7 +45,7 @@ class UnbatchedModel:
         self.model = model
         self.limits = limits
         self.max_images = max_images
-        self.config = ModelConfig(
+        config = ModelConfig(
             name=NAME,
             path=model.path,
             max_batch_size=1,
@@ -51,23 +53,26 @@ class UnbatchedModel:
             intra_op_threads=model.tuning.intra_op_threads,
             max_queue_size=0,
         )
+        self.description = describe(config, model)
         self._pool = ThreadPoolExecutor(threads, thread_name_prefix="request")
 
     @property
     def name(self) -> str:
         return NAME
 
-    async def classify(self, images: Sequence[ImageInput], top_k: int = 0, deadline: float | None = None) -> Classified:
-        top_k = checked_top_k(images, top_k, self.model, self.max_images)
+    async def classify(self, images: Sequence[ImageInput], deadline: float | None = None) -> Classified:
+        check_count(images, self.max_images)
         return await asyncio.get_running_loop().run_in_executor(
-            self._pool, self._classify, images, top_k, deadline, time.perf_counter()
+            self._pool, self._classify, images, deadline, time.perf_counter()
         )
 
-    def _classify(self, images: Sequence[ImageInput], top_k: int, deadline: float | None, arrived: float) -> Classified:
+    def _classify(self, images: Sequence[ImageInput], deadline: float | None, arrived: float) -> Classified:
         waited = time.perf_counter() - arrived  # for a free worker thread
-        scores, timing = run_whole(self.model, images, self.limits, deadline)
-        results = [top_classes(self.model.labels, s, top_k) for s in scores]
-        return Classified(NAME, results, dataclasses.replace(timing, queue_us=int(waited * 1e6)))
+        started = time.perf_counter()
+        scores, prepared_s = run_whole(self.model, images, self.limits, deadline)
+        took = time.perf_counter() - started - prepared_s
+        timing = Timing(int(waited * 1e6), int(prepared_s * 1e6), int(took * 1e6), len(images))
+        return Classified(NAME, scores, timing, self.model.labels)
 
 
 async def serve(model_path: str, host: str, port: int, threads: int, intra_op_threads: int) -> None:
@@ -79,9 +84,11 @@ async def serve(model_path: str, host: str, port: int, threads: int, intra_op_th
     pb_grpc.add_ClassifierServicer_to_server(servicer, server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    server.add_insecure_port(f"{host}:{port}")
+    port = server.add_insecure_port(f"{host}:{port}")
     await server.start()
+    log.info("event=listening address=%s:%d", host, port)  # the lines the harness waits for, as mobiserve's
     await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+    log.info("event=serving port=%d models=%s", port, NAME)
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         asyncio.get_running_loop().add_signal_handler(sig, stop.set)
@@ -98,6 +105,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=cores, help="requests handled at once (default: cores)")
     p.add_argument("--intra-op-threads", type=int, default=cores, help="onnxruntime threads (default: cores)")
     args = p.parse_args()
+    logging.basicConfig(level="INFO", stream=sys.stderr, format="%(asctime)s level=%(levelname)s %(message)s")
     asyncio.run(serve(args.model, args.host, args.port, args.threads, args.intra_op_threads))
 
 

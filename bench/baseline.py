@@ -70,7 +70,7 @@ def card_preprocess(data: bytes) -> np.ndarray:
     im = Image.open(io.BytesIO(data)).convert("RGB")
     w, h = im.size
     s = 256 / min(w, h)
-    im = im.resize((round(w * s), round(h * s)), Image.BILINEAR)
+    im = im.resize((round(w * s), round(h * s)), Image.Resampling.BILINEAR)
     w, h = im.size
     left, top = (w - 224) // 2, (h - 224) // 2
     return ((np.asarray(im.crop((left, top, left + 224, top + 224)), np.float32) / 255 - _MEAN) / _STD).transpose(
@@ -115,7 +115,10 @@ def _card(path: str, data: Sequence[bytes], seconds: float, threads: int) -> tup
 def _own(config: ModelConfig, data: Sequence[bytes], seconds: float, threads: int) -> tuple[float, float]:
     model = load_model(config)
     limits = ImageLimits()
-    prepare = lambda b: preprocess_encoded(b, limits)
+
+    def prepare(data: bytes) -> np.ndarray:
+        return preprocess_encoded(data, limits)
+
     latency = _latency(lambda b: model.infer([prepare(b)]), data)
     with ThreadPoolExecutor(threads) as pool:
         img_s = _pipeline(

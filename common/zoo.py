@@ -65,6 +65,7 @@ def pull(model: ZooModel, dest_dir: Path = DEFAULT_MODELS_DIR, source: str | Non
     dest = dest_dir / model.filename
     if dest.is_file() and (model.sha256 is None or sha256_of(dest) == model.sha256):
         return dest
+    created = not dest_dir.exists()
     dest_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.NamedTemporaryFile(dir=dest_dir, prefix=".download-", delete=False) as tmp:
         tmp_path = Path(tmp.name)
@@ -73,6 +74,8 @@ def pull(model: ZooModel, dest_dir: Path = DEFAULT_MODELS_DIR, source: str | Non
         except BaseException:
             tmp.close()
             tmp_path.unlink(missing_ok=True)
+            if created:  # leave no empty models folder behind a failed pull
+                dest_dir.rmdir()
             raise
     digest = sha256_of(tmp_path)
     if model.sha256 is not None and digest != model.sha256:

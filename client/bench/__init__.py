@@ -1,1 +1,0 @@
-"""`mobiserve bench`: the load-testing harness (issue 4)."""
