@@ -27,6 +27,7 @@ from grpc_reflection.v1alpha import reflection
 from mobiserve.common.labels import Labels
 from mobiserve.common.zoo import sha256_of
 from mobiserve.server.config import ModelConfig, ServerConfig
+from mobiserve.server.memory import return_large_blocks_to_the_system
 from mobiserve.server.metrics import Metrics
 from mobiserve.server.metrics_http import MetricsServer
 from mobiserve.server.processing.preprocess import ImageLimits
@@ -261,6 +262,7 @@ def _is_loopback(host: str) -> bool:
 
 async def run(config: ServerConfig) -> None:
     """Serve until SIGTERM/SIGINT, then drain. Raises ModelLoadError if a model cannot load."""
+    return_large_blocks_to_the_system()
     app = await create_app(config)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
