@@ -61,8 +61,9 @@ class ModelInfo:
     max_queue_delay_ms: float
     instances: int
     intra_op_threads: int
-    path: str
+    path: str  # the model file's name (its full path if the server exposes paths)
     max_queue_size: int
+    sha256: str = ""  # of the model file; empty from servers that do not report it
 
 
 def classification_of(response: pb.ClassifyResponse, input_index: int = 0) -> Classification:

@@ -81,8 +81,16 @@ def pull(model: ZooModel, dest_dir: Path = DEFAULT_MODELS_DIR, source: str | Non
     if model.sha256 is not None and digest != model.sha256:
         tmp_path.unlink()
         raise ZooError(f"{model.filename}: sha256 {digest} does not match the expected {model.sha256}; not saved")
+    # NamedTemporaryFile makes the file 0600; a model is data like any other: the umask decides
+    tmp_path.chmod(0o666 & ~_umask())
     tmp_path.replace(dest)
     return dest
+
+
+def _umask() -> int:
+    mask = os.umask(0)  # the only portable way to read it is to set it
+    os.umask(mask)
+    return mask
 
 
 def _fetch(model: ZooModel, source: str | None, out: tempfile._TemporaryFileWrapper[bytes], timeout: float) -> None:

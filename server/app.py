@@ -9,10 +9,12 @@ flight within the grace period, then close the batchers and exit 0.
 from __future__ import annotations
 
 import asyncio
+import errno
 import functools
 import ipaddress
 import logging
 import signal
+import socket
 import ssl
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -20,25 +22,28 @@ from pathlib import Path
 
 import grpc
 from google.protobuf import descriptor_pool
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2
 
 from mobiserve.common.labels import Labels
 from mobiserve.inference import grpc_service_pb2 as oip_pb
 from mobiserve.inference import grpc_service_pb2_grpc as oip_pb_grpc
 from mobiserve.server.config import ModelConfig, ServerConfig
+from mobiserve.server.memory import return_large_blocks_to_the_system
 from mobiserve.server.metrics import Metrics
+from mobiserve.server.metrics_http import MetricsServer
 from mobiserve.server.processing.preprocess import ImageLimits
 from mobiserve.server.runtime.model import Model
 from mobiserve.server.runtime.session import SessionTuning
 from mobiserve.server.serving import ModelRegistry, ServedModel
 from mobiserve.server.transport.calls import Calls
 from mobiserve.server.transport.connections import connection_options
+from mobiserve.server.transport.drain import HANDOFF_MAX_S
+from mobiserve.server.transport.health import HealthServicer
 from mobiserve.server.transport.oip.servicer import SERVICE_NAME as OIP_SERVICE_NAME
 from mobiserve.server.transport.oip.servicer import InferenceServicer
-from mobiserve.server.transport.servicer import ClassifierServicer
+from mobiserve.server.transport.servicer import ClassifierServicer, register
 from mobiserve.v1 import classifier_pb2 as pb
-from mobiserve.v1 import classifier_pb2_grpc as pb_grpc
 
 log = logging.getLogger("mobiserve.server")
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Classifier"].full_name  # "mobiserve.v1.Classifier"
@@ -59,12 +64,13 @@ class App:
     config: ServerConfig
     server: grpc.aio.Server
     port: int
-    health: health.aio.HealthServicer
+    health: HealthServicer
     calls: Calls  # what both services share: registry, drain gate, metrics, error log
     servicer: ClassifierServicer
     inference: InferenceServicer
     metrics: Metrics
     preprocess_pool: ThreadPoolExecutor
+    metrics_server: MetricsServer | None = None
     served: list[ServedModel] = field(default_factory=list)
 
     async def load(self) -> ModelRegistry:
@@ -106,33 +112,53 @@ class App:
         return registry
 
     async def stop(self, grace_s: float | None = None) -> None:
-        """Drain: NOT_SERVING, refuse new RPCs, finish queued and in-flight work, close.
+        """Drain: NOT_SERVING, refuse new RPCs, answer what was accepted, exit.
 
-        Open streams answer every message they have read and end with UNAVAILABLE; unary calls
-        are served while the backlog of before the signal is worked off, then refused with
-        UNAVAILABLE; the port closes once all is quiet (transport/drain.py says why). Whatever is
-        still running after the grace period is cancelled."""
+        A call arriving from now on is refused with UNAVAILABLE (safe to retry elsewhere); open
+        streams answer every message they have read and end with UNAVAILABLE; unary calls in
+        flight are answered. Answers wait for GOAWAY, which goes out (and the port closes)
+        once gRPC has handed every call it holds to the servicers, within HANDOFF_MAX_S of the
+        signal; transport/drain.py says why. The server exits as soon as what it accepted is
+        answered, whatever its clients still send. What still runs after the grace period is
+        cancelled."""
         grace = self.config.grace_s if grace_s is None else grace_s
         loop = asyncio.get_running_loop()
         end = loop.time() + grace
         log.info("event=draining grace_s=%.1f", grace)
+        gate = self.calls.gate
+        self.calls.drain()
         await self.health.enter_graceful_shutdown()
         for model in self.served:
             self.metrics.model_ready.labels(model.name).set(0)
-        self.calls.drain()
+        await gate.wait_handed_over(max_s=min(HANDOFF_MAX_S, grace))
+        self.health.end_watches()  # they have sent NOT_SERVING; left open, they would hold stop()
+        stopping = asyncio.ensure_future(self.server.stop(max(0.0, end - loop.time())))
+        await asyncio.sleep(0)  # stop() sends GOAWAY and closes the port in its first step
+        gate.close()  # now the answers go out
         try:
-            await asyncio.wait_for(self.calls.gate.wait_quiet(), grace)
+            await asyncio.wait_for(gate.wait_accepted(), max(0.0, end - loop.time()))
         except TimeoutError:
             log.warning(
                 "event=grace_expired message=%r", "requests still in flight after the grace period are cancelled"
             )
-        await self.server.stop(max(0.0, end - loop.time()))
+        await stopping
+        await self._release()
+        log.info("event=stopped")
+
+    async def close(self) -> None:
+        """Stop at once, without a drain or its log lines: for a server that never served (a model
+        failed to load), whose start-up error is all there is to say."""
+        await self.server.stop(0)
+        await self._release(quiet=True)
+
+    async def _release(self, quiet: bool = False) -> None:
         for model in self.served:
             await model.close()
-            log.info("event=model_unloaded model=%s", model.name)
+            if not quiet:
+                log.info("event=model_unloaded model=%s", model.name)
         self.preprocess_pool.shutdown(wait=False, cancel_futures=True)
-        await asyncio.to_thread(self.metrics.close_http)
-        log.info("event=stopped")
+        if self.metrics_server is not None:
+            await self.metrics_server.close()
 
 
 async def create_app(config: ServerConfig) -> App:
@@ -148,11 +174,11 @@ async def create_app(config: ServerConfig) -> App:
     for model in config.models:
         metrics.model_ready.labels(model.name).set(0)  # the series exists (at 0) while loading
     calls = Calls(metrics, config.default_timeout_s, (m.name for m in config.models))
-    servicer = ClassifierServicer(calls)
-    pb_grpc.add_ClassifierServicer_to_server(servicer, server)
+    servicer = ClassifierServicer(calls, config.expose_model_paths)
+    register(servicer, server)
     inference = InferenceServicer(calls)
     oip_pb_grpc.add_GRPCInferenceServiceServicer_to_server(inference, server)
-    health_servicer = health.aio.HealthServicer()
+    health_servicer = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     health_name = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
     reflection.enable_server_reflection(
@@ -162,16 +188,18 @@ async def create_app(config: ServerConfig) -> App:
         await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
     address = f"{config.host}:{config.port}"
     credentials = _credentials(config) if config.tls_cert else None
+    _check_bindable(config.host, config.port)
     try:
         port = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
     except RuntimeError:  # grpc's way of saying the bind failed
         port = 0
     if port == 0:
         raise OSError(f"cannot bind {address}: the port is in use or the address is not on this machine")
-    metrics_port = 0
+    metrics_port, metrics_server = 0, None
     if config.metrics_port:
+        metrics_server = MetricsServer(metrics.registry)
         try:
-            metrics_port = metrics.serve_http(config.host, config.metrics_port)
+            metrics_port = await metrics_server.start(config.host, config.metrics_port)
         except OSError as exc:
             raise OSError(
                 f"cannot serve metrics on {config.host}:{config.metrics_port}: {exc.strerror or exc}"
@@ -188,7 +216,7 @@ async def create_app(config: ServerConfig) -> App:
             "plain-text gRPC on a non-loopback address: anyone who can reach it can use and read it; "
             "give --tls-cert/--tls-key",
         )
-    return App(config, server, port, health_servicer, calls, servicer, inference, metrics, pool)
+    return App(config, server, port, health_servicer, calls, servicer, inference, metrics, pool, metrics_server)
 
 
 def _reflection_pool() -> descriptor_pool.DescriptorPool:
@@ -223,6 +251,26 @@ def _credentials(config: ServerConfig) -> grpc.ServerCredentials:
     return grpc.ssl_server_credentials([(key, cert)], root_certificates=ca, require_client_auth=ca is not None)
 
 
+def _check_bindable(host: str, port: int) -> None:
+    """Refuse a port in use (or an address not on this machine) with our own one-line error: gRPC
+    would also print its own `add_port.cc` error line first. A later race is still caught by gRPC."""
+    if not port:
+        return
+    try:
+        addresses = socket.getaddrinfo(host.strip("[]"), port, type=socket.SOCK_STREAM)
+    except socket.gaierror:
+        return  # gRPC says what is wrong with the name
+    for family, kind, proto, _, address in addresses:
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gRPC binds
+            try:
+                probe.bind(address)
+            except OSError as exc:
+                if exc.errno in (errno.EADDRINUSE, errno.EADDRNOTAVAIL, errno.EACCES):
+                    raise OSError(f"cannot bind {host}:{port}: {exc.strerror}") from None
+                raise
+
+
 def _is_loopback(host: str) -> bool:
     try:
         return ipaddress.ip_address(host.strip("[]")).is_loopback
@@ -232,6 +280,7 @@ def _is_loopback(host: str) -> bool:
 
 async def run(config: ServerConfig) -> None:
     """Serve until SIGTERM/SIGINT, then drain. Raises ModelLoadError if a model cannot load."""
+    return_large_blocks_to_the_system()
     app = await create_app(config)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -242,14 +291,16 @@ async def run(config: ServerConfig) -> None:
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_signal, sig)
+    failed = False
     try:
         loader = asyncio.create_task(app.load())
         stopped = asyncio.create_task(stop.wait())
         await asyncio.wait({loader, stopped}, return_when=asyncio.FIRST_COMPLETED)
         if loader.done():
-            loader.result()  # a load failure ends the process with its message
+            failed = loader.exception() is not None
+            loader.result()  # a load failure ends the process with its message, and only that
             await stopped
         else:
             loader.cancel()
     finally:
-        await app.stop()
+        await (app.close() if failed else app.stop())

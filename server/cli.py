@@ -70,6 +70,12 @@ def _add_serve(sub: Subcommands) -> None:
     )
     p.add_argument("--grace-period", type=float, default=None, help="seconds to drain on SIGTERM (default 30)")
     p.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus metrics on this port")
+    p.add_argument(
+        "--expose-model-paths",
+        action="store_true",
+        default=None,
+        help="ListModels reports each model's full path on this machine (default: its file name only)",
+    )
     c = p.add_argument_group("connections", "idle and age limits, keepalive pings (seconds; see docs/operations.md)")
     c.add_argument(
         "--max-connection-idle",
@@ -126,8 +132,7 @@ def _serve(args: argparse.Namespace) -> int:
         return fail(str(exc))
     try:
         asyncio.run(app.run(config))
-    except ModelLoadError as exc:
-        log.error("event=startup_failed reason=%r", str(exc))
+    except ModelLoadError as exc:  # one line: the reason (nothing was served, so no drain to report)
         return fail(str(exc))
     except OSError as exc:
         return fail(f"cannot start the server: {exc}")
@@ -147,6 +152,7 @@ def _server_config(args: argparse.Namespace) -> ServerConfig:
         "default_timeout_s": args.default_timeout,
         "grace_s": args.grace_period,
         "metrics_port": args.metrics_port,
+        "expose_model_paths": args.expose_model_paths,
         "tls_cert": args.tls_cert,
         "tls_key": args.tls_key,
         "tls_client_ca": args.tls_client_ca,

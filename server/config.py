@@ -68,6 +68,7 @@ class ServerConfig:
     tls_cert: str = ""
     tls_key: str = ""
     tls_client_ca: str = ""
+    expose_model_paths: bool = False  # ListModels gives each model's full path, not only its file name
     # connections (transport/connections.py; docs/operations.md says why these defaults)
     max_connection_idle_s: float = 300.0  # close a connection without calls after this long (0: never)
     max_connection_age_s: float = 0.0  # close any connection this old, gracefully (0: never)

@@ -33,3 +33,22 @@ class InferenceFailed(MobiserveError):
 
 class ModelLoadError(MobiserveError):
     """A model file cannot be served (missing, not ONNX, wrong input or output shape)."""
+
+
+SHOWN_CHARS = 64  # of a client's value quoted in a message
+MAX_MESSAGE_CHARS = 512  # of any status message: it travels in a trailer, whose size gRPC limits
+
+
+def shown(value: str | bytes | list[int] | tuple[int, ...]) -> str:
+    """A client-supplied value as a message may quote it: its repr, cut to SHOWN_CHARS, saying how
+    long it really was. A 16 KiB model name echoed whole would make the status itself too large."""
+    text = repr(list(value) if isinstance(value, tuple) else value)
+    if len(text) <= SHOWN_CHARS:
+        return text
+    unit = "values" if isinstance(value, list | tuple) else "characters" if isinstance(value, str) else "bytes"
+    return f"{text[: SHOWN_CHARS - 3]}... ({len(value)} {unit})"
+
+
+def capped(message: str) -> str:
+    """A status message no longer than MAX_MESSAGE_CHARS, whatever went into it."""
+    return message if len(message) <= MAX_MESSAGE_CHARS else message[: MAX_MESSAGE_CHARS - 3] + "..."

@@ -2,6 +2,7 @@
 
 Names follow Prometheus conventions: a `mobiserve_` prefix, `_total` counters, base units
 (`_seconds`) and a unit-like suffix (`_images`) for counts of images. docs/operations.md lists them.
+The HTTP endpoint that serves the registry is `metrics_http.MetricsServer`.
 """
 
 from __future__ import annotations
@@ -10,9 +11,8 @@ import threading
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
-from wsgiref.simple_server import WSGIServer
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
@@ -116,7 +116,6 @@ class Metrics:
             ["model"],
             registry=r,
         )
-        self._http: tuple[WSGIServer, threading.Thread] | None = None
         self._totals: dict[str, _Totals] = defaultdict(_Totals)  # model labels are a bounded set
         self._lock = threading.Lock()  # the statistics are read as one consistent snapshot
 
@@ -171,16 +170,3 @@ class Metrics:
                 batches=tuple(BatchTotals(size, int(n), s) for size, (n, s) in sorted(t.batches.items())),
                 last_inference_ms=t.last_inference_ms,
             )
-
-    def serve_http(self, host: str, port: int) -> int:
-        """Serve /metrics in a background thread; returns the bound port (port 0 picks a free one)."""
-        self._http = start_http_server(port, addr=host, registry=self.registry)
-        return int(self._http[0].server_port)
-
-    def close_http(self) -> None:
-        if self._http is not None:
-            server, thread = self._http
-            server.shutdown()
-            server.server_close()
-            thread.join()
-            self._http = None

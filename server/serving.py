@@ -20,7 +20,7 @@ import numpy as np
 from mobiserve.common.labels import Labels
 from mobiserve.server.batching import Answered, Batcher, Stages
 from mobiserve.server.config import ModelConfig
-from mobiserve.server.errors import DeadlineExceeded, InvalidInput, ModelNotFound
+from mobiserve.server.errors import DeadlineExceeded, InvalidInput, ModelNotFound, shown
 from mobiserve.server.processing.preprocess import (
     INPUT_SIZE,
     PREPROCESSING,
@@ -87,6 +87,7 @@ class ModelDescription:
     instances: int
     intra_op_threads: int
     path: str
+    sha256: str  # of the model file: which model this is, without revealing where it lives
 
 
 @dataclass(frozen=True)
@@ -133,6 +134,7 @@ def describe(config: ModelConfig, model: Model) -> ModelDescription:
         instances=config.instances,
         intra_op_threads=config.intra_op_threads,
         path=config.path,
+        sha256=model.sha256,
     )
 
 
@@ -267,7 +269,9 @@ class ModelRegistry:
         try:
             return self.models[name or self.default]
         except KeyError:
-            raise ModelNotFound(f"model {name!r} not found; this server serves: {', '.join(self.models)}") from None
+            raise ModelNotFound(
+                f"model {shown(name)} not found; this server serves: {', '.join(self.models)}"
+            ) from None
 
     def __iter__(self) -> Iterator[Servable]:
         return iter(self.models.values())

@@ -91,6 +91,14 @@ def run(*args: str, timeout: float = 120, **kw: object) -> subprocess.CompletedP
     return subprocess.run([MOBISERVE, *args], capture_output=True, text=True, timeout=timeout, **kw)  # type: ignore[call-overload]
 
 
+def threads_of(pid: int) -> int:
+    """Threads of a process now (Linux /proc)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("Threads:"):
+            return int(line.split()[1])
+    raise OSError(f"no Threads in /proc/{pid}/status")
+
+
 def tcp_connections(port: int) -> list[tuple[int, int, str]]:
     """TCP sockets on this machine with `port` at either end: (local port, remote port, state).
 

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import signal
+import socket
+import stat
 from pathlib import Path
 
 import grpc
@@ -59,6 +62,22 @@ def test_a_model_that_cannot_load_is_a_clear_startup_error(tmp_path: Path, kind:
     assert r.returncode != 0
     last = r.stderr.strip().splitlines()[-1]
     assert last.startswith("mobiserve: error:") and str(path) in last
+    # the reason once, and no drain for a server that never served
+    lines = r.stderr.strip().splitlines()
+    assert [line for line in lines if str(path) in line] == [last], lines
+    assert not [line for line in lines if "event=draining" in line or "event=stopped" in line], lines
+
+
+def test_a_port_in_use_is_one_line_of_ours(int8_model: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        r = run("serve", "--model", str(int8_model), "--port", str(port))
+    assert r.returncode == 1
+    assert r.stderr.strip().splitlines() == [
+        f"mobiserve: error: cannot start the server: cannot bind 127.0.0.1:{port}: Address already in use"
+    ]
 
 
 def test_a_model_folder_serves_the_one_onnx_file_in_it(tmp_path: Path, int8_model: Path, jpeg: bytes) -> None:
@@ -101,7 +120,11 @@ def test_models_pull_verifies_sha256(tmp_path: Path, int8_model: Path) -> None:
     r = run("models", "pull", "int8", "--from", str(int8_model.parent), "--dir", str(tmp_path / "models"))
     assert r.returncode == 0, r.stderr
     assert "sha256 verified" in r.stdout
-    assert (tmp_path / "models" / int8_model.name).stat().st_size == int8_model.stat().st_size
+    pulled = (tmp_path / "models" / int8_model.name).stat()
+    assert pulled.st_size == int8_model.stat().st_size
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert stat.S_IMODE(pulled.st_mode) == 0o666 & ~umask  # as any file this user writes, not 0600
 
     mirror = tmp_path / "mirror"
     mirror.mkdir()

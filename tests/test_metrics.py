@@ -14,6 +14,7 @@ import grpc
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from mobiserve.server.metrics_http import MetricsServer
 from mobiserve.server.transport.errorlog import ErrorLog
 from mobiserve.v1 import classifier_pb2 as pb
 from mobiserve.v1 import classifier_pb2_grpc as pb_grpc
@@ -47,7 +48,8 @@ async def test_metrics_add_up_to_a_known_load(
     good = [p.read_bytes() for p in sample_images[:12]]
     junk = os.urandom(3000)
     app = await start_server(model_config(int8_model, name="int8", max_batch_size=8))
-    port = app.metrics.serve_http("127.0.0.1", 0)
+    endpoint = MetricsServer(app.metrics.registry)
+    port = await endpoint.start("127.0.0.1", 0)
     sent: Counter[tuple[str, str, str]] = Counter()  # (model label, method, code)
     try:
         with caplog.at_level(logging.INFO, logger="mobiserve"):
@@ -85,6 +87,7 @@ async def test_metrics_add_up_to_a_known_load(
         }
         samples = await asyncio.to_thread(scrape, port)
     finally:
+        await endpoint.close()
         await app.stop(grace_s=5)
 
     counted = {

@@ -335,32 +335,41 @@ def test_limits_and_knobs_come_from_the_serve_flags(int8_model: Path) -> None:
 
 async def test_drain_answers_what_is_in_flight_and_refuses_the_rest(int8_model: Path, images: list[bytes]) -> None:
     app, session = await start_gated(int8_model)
+    batcher = next(iter(app.servicer.registry or ())).batcher
     target = f"127.0.0.1:{app.port}"
     stopping: asyncio.Task[None] | None = None
     try:
         async with grpc.aio.insecure_channel(target) as channel:
             stub, health = pb_grpc.ClassifierStub(channel), health_pb2_grpc.HealthStub(channel)
+            watch = health.Watch(health_pb2.HealthCheckRequest(service="mobiserve.v1.Classifier"), timeout=60)
+            assert (await watch.read()).status == health_pb2.HealthCheckResponse.SERVING
             with session.closed():
                 stream = stub.ClassifyStream(timeout=60)
                 await stream.write(request_of(images[0], request_id="read-1"))
                 await session.wait_entered()  # read-1 is in the session
                 await stream.write(request_of(images[1], request_id="read-2"))
                 unary = asyncio.ensure_future(stub.Classify(request_of(images[2]), timeout=60))
+                for _ in range(600):  # bounded: until both are accepted (admitted to the queue)
+                    if batcher.admitted == 2:
+                        break
+                    await asyncio.sleep(0.01)
+                assert batcher.admitted == 2
                 stopping = asyncio.create_task(app.stop(grace_s=60))
-                check = await health.Check(health_pb2.HealthCheckRequest(service="mobiserve.v1.Classifier"), timeout=10)
-                assert check.status == health_pb2.HealthCheckResponse.NOT_SERVING
+                assert (await watch.read()).status == health_pb2.HealthCheckResponse.NOT_SERVING
                 late_stream = stub.ClassifyStream(timeout=60)
                 with pytest.raises(grpc.aio.AioRpcError) as late:
                     await late_stream.read()
                 assert late.value.code() == grpc.StatusCode.UNAVAILABLE and SHUTTING_DOWN in (
                     late.value.details() or ""
                 )
+                late_unary = await status_of_call(stub.Classify(request_of(images[3]), timeout=60))
+                assert late_unary == grpc.StatusCode.UNAVAILABLE  # at once, while accepted work still waits
             answers = []
             with pytest.raises(grpc.aio.AioRpcError) as ended:
                 while (response := await stream.read()) != grpc.aio.EOF:
                     answers.append(response)
             assert ended.value.code() == grpc.StatusCode.UNAVAILABLE and SHUTTING_DOWN in (ended.value.details() or "")
-            assert "read-1" in {a.request_id for a in answers}
+            assert {a.request_id for a in answers} == {"read-1", "read-2"}  # all it had read
             assert all(not a.HasField("error") and len(a.results) == 1 for a in answers)
             assert len((await unary).results) == 1  # in flight at the signal: answered
             await stopping

@@ -20,7 +20,7 @@ import numpy as np
 import simplejpeg
 from PIL import Image, UnidentifiedImageError
 
-from mobiserve.server.errors import InvalidInput
+from mobiserve.server.errors import InvalidInput, shown
 from mobiserve.server.processing.resize import center_crop_resize
 
 INPUT_SIZE = 224
@@ -129,16 +129,16 @@ def preprocess_tensor(shape: tuple[int, ...], dtype: str, data: bytes, limits: I
     """A raw tensor -> uint8 crop [224, 224, 3] or float32 model input [3, 224, 224]."""
     if dtype == "uint8":
         if len(shape) != 3 or shape[2] != 3:
-            raise InvalidImage(f"uint8 tensor must have shape [H, W, 3], got {list(shape)}")
+            raise InvalidImage(f"uint8 tensor must have shape [H, W, 3], got {shown(shape)}")
         _check_size(shape[1], shape[0], limits)
         expected = shape[0] * shape[1] * 3
         if len(data) != expected:
-            raise InvalidImage(f"uint8 tensor of shape {list(shape)} needs {expected} bytes, got {len(data)}")
+            raise InvalidImage(f"uint8 tensor of shape {shown(shape)} needs {expected} bytes, got {len(data)}")
         return crop(np.frombuffer(data, dtype=np.uint8).reshape(shape))
     if dtype == "float32":
         want = [3, INPUT_SIZE, INPUT_SIZE]
         if list(shape) != want:
-            raise InvalidImage(f"float32 tensor must have shape {want}, got {list(shape)}")
+            raise InvalidImage(f"float32 tensor must have shape {want}, got {shown(shape)}")
         expected = 3 * INPUT_SIZE * INPUT_SIZE * 4
         if len(data) != expected:
             raise InvalidImage(f"float32 tensor of shape {want} needs {expected} bytes, got {len(data)}")
@@ -146,4 +146,4 @@ def preprocess_tensor(shape: tuple[int, ...], dtype: str, data: bytes, limits: I
         if not np.isfinite(tensor).all():
             raise InvalidImage("float32 tensor contains NaN or infinity")
         return tensor
-    raise InvalidImage(f"tensor dtype must be 'uint8' or 'float32', got {dtype!r}")
+    raise InvalidImage(f"tensor dtype must be 'uint8' or 'float32', got {shown(dtype)}")

@@ -13,6 +13,7 @@ import numpy as np
 import onnxruntime as ort
 
 from mobiserve.common.labels import Labels
+from mobiserve.common.zoo import sha256_of
 from mobiserve.server.errors import ModelLoadError
 from mobiserve.server.processing.normalize import assemble
 from mobiserve.server.processing.postprocess import rank, softmax
@@ -44,6 +45,7 @@ class Model:
 
     def __init__(self, path: str | Path, labels: Labels, tuning: SessionTuning, instances: int = 1):
         self.path = str(path)
+        self.sha256 = sha256_of(Path(path)) if Path(path).is_file() else ""
         self.labels = labels
         self.tuning = tuning
         self.instances = instances

@@ -10,7 +10,9 @@ or `stream` (a pipelined stream); those do the rest the same way for every proto
 - deadlines: the client's (gRPC enforces it by cancelling the call) or the server's default;
 - `drain()`, the transport's part of a graceful shutdown: each open stream stops reading, answers
   every message it has read, then ends with UNAVAILABLE so the client knows to send the rest
-  elsewhere; new unary calls are served while the server catches up, then refused (`drain.py`).
+  elsewhere; a call that arrives afterwards is refused with UNAVAILABLE at once (`drain.py`);
+- a failed request's exception becomes a value (`Failed`) and its frames are cleared, so that the
+  request's payload is not kept alive by a reference cycle until a full garbage collection.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import contextlib
 import logging
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterable
+from dataclasses import dataclass
 from typing import TypeVar
 
 import grpc
@@ -29,10 +32,11 @@ from mobiserve.server.metrics import Metrics
 from mobiserve.server.serving import Classified, ModelRegistry, Servable
 from mobiserve.server.transport.drain import CallGate
 from mobiserve.server.transport.errorlog import ErrorLog
-from mobiserve.server.transport.status import is_unexpected, status_of
+from mobiserve.server.transport.status import forget_frames, is_unexpected, status_of
 
 log = logging.getLogger(__name__)
 
+ANSWER_MARGIN_S = 0.05  # a held answer goes out this long before its call's deadline at the latest
 STREAM_WINDOW = 128  # requests in flight per stream; past it we stop reading (HTTP/2 flow control pushes back)
 SHUTTING_DOWN = "the server is shutting down; send the request to another instance or retry shortly"
 DEFAULT_LABEL = "(default)"  # metrics/log label of a request naming no model, before one is resolved
@@ -42,13 +46,15 @@ Req = TypeVar("Req")
 Resp = TypeVar("Resp")
 
 
-class Failed(Exception):
-    """A request's outcome when it is not a response: the status to send, already logged and counted."""
+@dataclass(frozen=True)
+class Failed:
+    """A request's outcome when it is not a response: the status to send, already logged and counted.
 
-    def __init__(self, code: grpc.StatusCode, message: str):
-        super().__init__(code, message)
-        self.code = code
-        self.message = message
+    A value, not an exception: an exception caught and re-raised up the handlers ties their frames
+    (and the request payload in them) into reference cycles that only a full collection frees."""
+
+    code: grpc.StatusCode
+    message: str
 
 
 class Calls:
@@ -73,27 +79,29 @@ class Calls:
             reader.cancel()
 
     async def unary(
-        self, context: grpc.aio.ServicerContext, handle: Callable[[float, bool, bool], Awaitable[Resp]]
+        self, context: grpc.aio.ServicerContext, handle: Callable[[float, bool, bool], Awaitable[Resp | Failed]]
     ) -> Resp:
         """One unary call: `handle(deadline, refuse, enforce_deadline)` calls `answer` once."""
         remaining = context.time_remaining()
         deadline = time.monotonic() + (self.default_timeout_s if remaining is None else remaining)
         with self.gate.call():
-            try:
-                return await handle(deadline, self.gate.refusing, remaining is None)
-            except Failed as failed:
-                if failed.code == grpc.StatusCode.DEADLINE_EXCEEDED and _expired(context):
+            outcome = await handle(deadline, self.gate.draining, remaining is None)
+            if isinstance(outcome, Failed):
+                if outcome.code == grpc.StatusCode.DEADLINE_EXCEEDED and _expired(context):
                     # gRPC is ending the call with DEADLINE_EXCEEDED itself; a status sent now
                     # would race it (and gRPC would log the lost race as an error)
-                    raise asyncio.CancelledError() from None
-                await context.abort(failed.code, failed.message)
-                raise  # unreachable: abort raises
+                    raise asyncio.CancelledError()
+                await self._until_port_closed(context)
+                await context.abort(outcome.code, outcome.message)
+                raise AssertionError("unreachable: abort() raises")
+            await self._until_port_closed(context)
+            return outcome
 
     async def stream(
         self,
         requests: AsyncIterator[Req],
         context: grpc.aio.ServicerContext,
-        handle: Callable[[Req, float], Awaitable[Resp]],
+        handle: Callable[[Req, float], Awaitable[Resp | Failed]],
         failed: Callable[[Req, Failed], Resp],
     ) -> AsyncIterator[Resp]:
         """A pipelined stream: up to STREAM_WINDOW requests in flight, answered in completion order.
@@ -102,6 +110,7 @@ class Calls:
         fails is answered with `failed(request, why)` and the stream goes on."""
         with self.gate.call():
             if self.gate.draining:
+                await self._until_port_closed(context)
                 await context.abort(grpc.StatusCode.UNAVAILABLE, SHUTTING_DOWN)
             async with contextlib.aclosing(self._stream(requests, context, handle, failed)) as responses:
                 async for response in responses:  # closed with this generator: tasks end at once
@@ -118,8 +127,8 @@ class Calls:
         refuse: bool,
         enforce_deadline: bool,
         work: Callable[[Servable], Awaitable[Resp]],
-    ) -> Resp:
-        """Answer one request with `work(served model)`, or raise Failed. Counts it exactly once.
+    ) -> Resp | Failed:
+        """Answer one request with `work(served model)`, or say how it failed. Counts it exactly once.
 
         enforce_deadline: end the request when `deadline` passes even if it is still waiting (a
         default timeout: gRPC enforces client deadlines itself, by cancelling the call)."""
@@ -149,9 +158,17 @@ class Calls:
                 request_id=request_id,
                 exc=exc if is_unexpected(exc) else None,
             )
-            raise Failed(code, message) from None
+            forget_frames(exc)
         finally:
             self.metrics.observe_request(label, method, code.name, time.perf_counter() - started)
+        return Failed(code, message)
+
+    async def _until_port_closed(self, context: grpc.aio.ServicerContext) -> None:
+        """While draining, hold an answer (or the end of a stream) until GOAWAY is out, so the
+        client learns this server is going before it can send its next call (drain.py)."""
+        if self.gate.draining:
+            remaining = context.time_remaining()
+            await self.gate.port_closed(None if remaining is None else remaining - ANSWER_MARGIN_S)
 
     def observe(self, result: Classified) -> None:
         """A classified request's images and timing, into the metrics."""
@@ -171,7 +188,7 @@ class Calls:
         self,
         requests: AsyncIterator[Req],
         context: grpc.aio.ServicerContext,
-        handle: Callable[[Req, float], Awaitable[Resp]],
+        handle: Callable[[Req, float], Awaitable[Resp | Failed]],
         failed: Callable[[Req, Failed], Resp],
     ) -> AsyncGenerator[Resp, None]:
         answers: asyncio.Queue[Resp | None] = asyncio.Queue()
@@ -182,12 +199,10 @@ class Calls:
             # Each message gets the default timeout. A stream deadline ends the whole call: gRPC
             # cancels this handler then, which drops whatever the stream still has queued.
             try:
-                response = await handle(request, time.monotonic() + self.default_timeout_s)
-            except Failed as why:
-                response = failed(request, why)
+                outcome = await handle(request, time.monotonic() + self.default_timeout_s)
             finally:
                 window.release()
-            answers.put_nowait(response)
+            answers.put_nowait(failed(request, outcome) if isinstance(outcome, Failed) else outcome)
 
         async def read() -> None:
             iterator = aiter(requests)
@@ -217,6 +232,7 @@ class Calls:
         try:
             while (response := await answers.get()) is not None:
                 yield response
+            await self._until_port_closed(context)
             await asyncio.wait({reader})
             if reader.cancelled():  # only drain() cancels it while the stream is being served
                 await context.abort(grpc.StatusCode.UNAVAILABLE, SHUTTING_DOWN)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import PurePath
+
 from mobiserve.server.errors import InvalidInput
 from mobiserve.server.serving import Classified, ImageInput, ModelDescription, RawTensor
 from mobiserve.v1 import classifier_pb2 as pb
@@ -36,7 +38,9 @@ def response_of(request: pb.ClassifyRequest, result: Classified, top_k: int) -> 
     )
 
 
-def model_info(d: ModelDescription, is_default: bool) -> pb.ModelInfo:
+def model_info(d: ModelDescription, is_default: bool, full_path: bool = False) -> pb.ModelInfo:
+    """full_path: the model's path on this machine, which only an operator's opt-in reveals;
+    by default its file name (and sha256) say which model is served."""
     return pb.ModelInfo(
         name=d.name,
         version=d.version,
@@ -51,6 +55,7 @@ def model_info(d: ModelDescription, is_default: bool) -> pb.ModelInfo:
         max_queue_delay_ms=d.max_queue_delay_ms,
         instances=d.instances,
         intra_op_threads=d.intra_op_threads,
-        path=d.path,
+        path=d.path if full_path else PurePath(d.path).name,
         max_queue_size=d.max_queue_size,
+        sha256=d.sha256,
     )

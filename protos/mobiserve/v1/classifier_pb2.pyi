@@ -298,6 +298,7 @@ class ModelInfo(_message.Message):
     INTRA_OP_THREADS_FIELD_NUMBER: _builtins.int
     PATH_FIELD_NUMBER: _builtins.int
     MAX_QUEUE_SIZE_FIELD_NUMBER: _builtins.int
+    SHA256_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     version: _builtins.str
     is_default: _builtins.bool
@@ -312,8 +313,13 @@ class ModelInfo(_message.Message):
     instances: _builtins.int
     intra_op_threads: _builtins.int
     path: _builtins.str
+    """The model file's name; its full path on the server only when the operator opts in
+    (`mobiserve serve --expose-model-paths`): a path tells clients about the server's layout.
+    """
     max_queue_size: _builtins.int
     """images; 0 = unbounded"""
+    sha256: _builtins.str
+    """hex SHA-256 of the model file: which build is served"""
     @_builtins.property
     def input_shape(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
         """-1 for the dynamic batch dimension"""
@@ -336,10 +342,11 @@ class ModelInfo(_message.Message):
         intra_op_threads: _builtins.int = ...,
         path: _builtins.str = ...,
         max_queue_size: _builtins.int = ...,
+        sha256: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["input_dtype", b"input_dtype", "input_name", b"input_name", "input_shape", b"input_shape", "instances", b"instances", "intra_op_threads", b"intra_op_threads", "is_default", b"is_default", "max_batch_size", b"max_batch_size", "max_queue_delay_ms", b"max_queue_delay_ms", "max_queue_size", b"max_queue_size", "name", b"name", "num_classes", b"num_classes", "output_name", b"output_name", "path", b"path", "preprocessing", b"preprocessing", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["input_dtype", b"input_dtype", "input_name", b"input_name", "input_shape", b"input_shape", "instances", b"instances", "intra_op_threads", b"intra_op_threads", "is_default", b"is_default", "max_batch_size", b"max_batch_size", "max_queue_delay_ms", b"max_queue_delay_ms", "max_queue_size", b"max_queue_size", "name", b"name", "num_classes", b"num_classes", "output_name", b"output_name", "path", b"path", "preprocessing", b"preprocessing", "sha256", b"sha256", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

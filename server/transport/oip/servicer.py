@@ -100,9 +100,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     ) -> AsyncIterator[pb.ModelStreamInferResponse]:
         """Pipelined like ClassifyStream; a failed request is answered with error_message."""
 
-        async def handle(request: pb.ModelInferRequest, deadline: float) -> pb.ModelStreamInferResponse:
+        async def handle(request: pb.ModelInferRequest, deadline: float) -> pb.ModelStreamInferResponse | Failed:
             response = await self._infer(request, "ModelStreamInfer", context, deadline, False, True)
-            return pb.ModelStreamInferResponse(infer_response=response)
+            return response if isinstance(response, Failed) else pb.ModelStreamInferResponse(infer_response=response)
 
         def failed(request: pb.ModelInferRequest, why: Failed) -> pb.ModelStreamInferResponse:
             echo = pb.ModelInferResponse(
@@ -121,7 +121,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         deadline: float,
         refuse: bool,
         enforce: bool,
-    ) -> pb.ModelInferResponse:
+    ) -> pb.ModelInferResponse | Failed:
         async def work(model: Servable) -> pb.ModelInferResponse:
             d = model.description
             _check_version(d.name, d.version, request.model_version)

@@ -1,0 +1,64 @@
+"""Request messages that protobuf cannot parse are an answer, not an exception.
+
+gRPC deserializes a request before the servicer sees it; a message that fails (a string field
+that is not valid UTF-8, a corrupt wire format) would raise inside gRPC: `UNKNOWN`, an ERROR with
+a traceback per request, nothing counted, and in a stream the end of the whole stream. Here the
+parse failure becomes an `Undecodable` value the servicer answers like any bad request:
+`INVALID_ARGUMENT`, counted, logged within the throttle, and a stream goes on with its next message.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TypeVar
+
+from google.protobuf import empty_pb2
+from google.protobuf.message import DecodeError, Message
+from google.protobuf.unknown_fields import UnknownFieldSet
+
+M = TypeVar("M", bound=Message)
+
+# ClassifyRequest's string fields at the top level, read back as bytes from a message that failed
+_MODEL_FIELD, _REQUEST_ID_FIELD = 1, 4
+_LENGTH_DELIMITED = 2
+
+
+@dataclass(frozen=True)
+class Undecodable:
+    """A request protobuf could not parse. Holds no part of the payload, only what the answer needs.
+
+    `model` and `request_id` are recovered best-effort from the raw fields (invalid UTF-8 replaced),
+    so a stream's error answer can still name the request."""
+
+    reason: str
+    model: str = ""
+    request_id: str = ""
+
+
+def lenient(message_type: type[M], name: str) -> Callable[[bytes], M | Undecodable]:
+    """A request deserializer for gRPC that returns Undecodable instead of raising."""
+
+    def parse(data: bytes) -> M | Undecodable:
+        try:
+            return message_type.FromString(data)
+        except DecodeError as exc:
+            return _undecodable(data, str(exc), name)
+
+    return parse
+
+
+def _undecodable(data: bytes, error: str, name: str) -> Undecodable:
+    if "UTF-8" in error:
+        reason = f"the request is not a valid {name}: a string field (model, request_id, a tensor's dtype) is not UTF-8"
+    else:
+        reason = f"the request is not a valid {name} message (corrupt protobuf wire format)"
+    fields: dict[int, str] = {}
+    try:
+        raw = UnknownFieldSet(empty_pb2.Empty.FromString(data))
+        for field in (raw[i] for i in range(len(raw))):
+            if field.field_number in (_MODEL_FIELD, _REQUEST_ID_FIELD) and field.wire_type == _LENGTH_DELIMITED:
+                fields[field.field_number] = bytes(field.data).decode("utf-8", "replace")
+    except DecodeError:
+        pass  # not even the wire format holds: nothing to recover
+    return Undecodable(reason, fields.get(_MODEL_FIELD, ""), fields.get(_REQUEST_ID_FIELD, ""))
