@@ -307,6 +307,6 @@ def _model_path(server: dict[str, Any]) -> str:
     if not path or not Path(path).is_file():
         raise BenchError(
             f"the comparisons load the server's model file, but {path or 'its path'!r} "
-            "(from ListModels) is not a file here: run from the server's folder or use --serve"
+            "(from ListModels) is not a file here: start the server with --expose-model-paths, or use --serve"
         )
     return path

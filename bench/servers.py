@@ -155,7 +155,8 @@ def mobiserve_server(serve_args: Sequence[str], log: Path | None = None) -> Iter
     taken = {"--host", "--port"} & {a.partition("=")[0] for a in serve_args}
     if taken:
         raise BenchError(f"--serve picks the address itself; drop {', '.join(sorted(taken))} from its arguments")
-    server = start(serve_command(*serve_args), what="mobiserve serve", log=log)
+    # the comparisons load the same model file, which ListModels names in full only on this opt-in
+    server = start(serve_command("--expose-model-paths", *serve_args), what="mobiserve serve", log=log)
     try:
         yield server
     finally:

@@ -11,22 +11,32 @@ import asyncio
 import csv
 import json
 import sys
+from collections.abc import AsyncIterator
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
 import grpc
 import pytest
+import pytest_asyncio
 
 from mobiserve.bench.servers import unbatched_server
 from mobiserve.server.app import App
 from mobiserve.v1 import classifier_pb2_grpc as pb_grpc
 
-from helpers import INT8, request_of
+from helpers import INT8, model_config, request_of, start_server
 
 pytestmark = pytest.mark.slow  # real processes or whole-sample sweeps
 
 MOBISERVE = str(Path(sys.executable).parent / "mobiserve")
+
+
+@pytest_asyncio.fixture(scope="module")
+async def naming_server(int8_model: Path) -> AsyncIterator[App]:
+    """The harness's comparisons load the served model file: a server that names it in full."""
+    app = await start_server(model_config(int8_model, max_batch_size=32), expose_model_paths=True)
+    yield app
+    await app.stop(grace_s=5)
 
 
 @pytest.fixture(scope="module")
@@ -73,11 +83,11 @@ def check_step(step: dict[str, Any], requests: int | None = None) -> None:
 
 
 async def test_closed_loop_sweep_with_baseline_writes_consistent_reports(
-    server: App, few_images: Path, tmp_path: Path
+    naming_server: App, few_images: Path, tmp_path: Path
 ) -> None:
     code, out, err = await bench(
         "--target",
-        f"127.0.0.1:{server.port}",
+        f"127.0.0.1:{naming_server.port}",
         "--concurrency",
         "1,4",
         "--requests",
@@ -113,11 +123,11 @@ async def test_closed_loop_sweep_with_baseline_writes_consistent_reports(
 
 
 async def test_open_loop_stream_of_tensors_is_bounded_and_compares_with_unbatched(
-    server: App, few_images: Path, tmp_path: Path
+    naming_server: App, few_images: Path, tmp_path: Path
 ) -> None:
     code, out, err = await bench(
         "--target",
-        f"127.0.0.1:{server.port}",
+        f"127.0.0.1:{naming_server.port}",
         "--rate",
         "15",
         "--duration",

@@ -27,7 +27,7 @@ from typing import TypeVar
 
 import grpc
 
-from mobiserve.server.errors import DeadlineExceeded, Unavailable
+from mobiserve.server.errors import DeadlineExceeded, InvalidInput, Unavailable
 from mobiserve.server.metrics import Metrics
 from mobiserve.server.serving import Classified, ModelRegistry, Servable
 from mobiserve.server.transport.drain import CallGate
@@ -127,15 +127,19 @@ class Calls:
         refuse: bool,
         enforce_deadline: bool,
         work: Callable[[Servable], Awaitable[Resp]],
+        invalid: str = "",
     ) -> Resp | Failed:
         """Answer one request with `work(served model)`, or say how it failed. Counts it exactly once.
 
         enforce_deadline: end the request when `deadline` passes even if it is still waiting (a
-        default timeout: gRPC enforces client deadlines itself, by cancelling the call)."""
+        default timeout: gRPC enforces client deadlines itself, by cancelling the call).
+        invalid: why the request is refused before anything else (it could not be decoded)."""
         started = time.perf_counter()
         label = self.label(model)
         code = grpc.StatusCode.OK
         try:
+            if invalid:
+                raise InvalidInput(invalid)
             if refuse:
                 raise Unavailable(SHUTTING_DOWN)
             if self.registry is None:

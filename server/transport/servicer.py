@@ -10,7 +10,6 @@ from collections.abc import AsyncIterator
 
 import grpc
 
-from mobiserve.server.errors import InvalidInput
 from mobiserve.server.serving import ModelRegistry, Servable, checked_top_k
 from mobiserve.server.transport.calls import SHUTTING_DOWN, Calls, Failed
 from mobiserve.server.transport.convert import images_of, model_info, response_of
@@ -105,8 +104,7 @@ class ClassifierServicer(pb_grpc.ClassifierServicer):
         enforce: bool,
     ) -> pb.ClassifyResponse | Failed:
         async def work(model: Servable) -> pb.ClassifyResponse:
-            if isinstance(request, Undecodable):
-                raise InvalidInput(request.reason)
+            assert not isinstance(request, Undecodable)  # refused by answer(invalid=...)
             top_k = checked_top_k(request.top_k, model.description.num_classes)
             result = await model.classify(images_of(request), deadline)
             self.calls.observe(result)
@@ -121,4 +119,5 @@ class ClassifierServicer(pb_grpc.ClassifierServicer):
             refuse=refuse,
             enforce_deadline=enforce,
             work=work,
+            invalid=request.reason if isinstance(request, Undecodable) else "",
         )
