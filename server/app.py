@@ -36,6 +36,7 @@ from mobiserve.server.processing.preprocess import ImageLimits
 from mobiserve.server.runtime.model import Model
 from mobiserve.server.runtime.session import SessionTuning
 from mobiserve.server.serving import ModelRegistry, ServedModel
+from mobiserve.server.transport.arrivals import UNREAD, Undelivered
 from mobiserve.server.transport.calls import Calls
 from mobiserve.server.transport.connections import connection_options
 from mobiserve.server.transport.drain import HANDOFF_MAX_S
@@ -169,8 +170,10 @@ async def create_app(config: ServerConfig) -> App:
         ("grpc.so_reuseport", 0),
         *connection_options(config),
     ]
-    server = grpc.aio.server(options=options)
     metrics = Metrics()
+    unary = [f"/{SERVICE_NAME}/Classify", f"/{OIP_SERVICE_NAME}/ModelInfer"]
+    undelivered = Undelivered(functools.partial(metrics.observe_undelivered, UNREAD), unary)
+    server = grpc.aio.server(options=options, interceptors=[undelivered])
     for model in config.models:
         metrics.model_ready.labels(model.name).set(0)  # the series exists (at 0) while loading
     calls = Calls(metrics, config.default_timeout_s, (m.name for m in config.models))

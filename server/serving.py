@@ -181,6 +181,8 @@ def run_whole(
     started = time.perf_counter()
     items = [prepare(i, image, limits, deadline) for i, image in enumerate(images)]
     prepared = time.perf_counter() - started
+    if deadline is not None and time.monotonic() >= deadline:  # expired while preprocessing
+        raise DeadlineExceeded("deadline passed before inference; not run")
     return scores_of(model, items), prepared
 
 

@@ -484,3 +484,51 @@ async def test_failed_requests_do_not_keep_their_payload(int8_model: Path, jpeg:
     print(f"\nRSS {before:.0f} MiB, after 50 bad 20 MiB requests and 10 s idle: {after:.0f} MiB")
     assert codes == {"INVALID_ARGUMENT": 50}, codes
     assert after - before < 150, f"RSS {before:.0f} -> {after:.0f} MiB"
+
+
+# ------------------------------------------------------------------------------------ deadlines
+
+
+async def test_every_call_with_an_expired_deadline_is_counted_once_and_none_is_computed(
+    int8_model: Path, jpeg: bytes
+) -> None:
+    """600 calls with a 5 ms deadline on an idle server: each one counted exactly once, as
+    DEADLINE_EXCEEDED (also those gRPC ends while their message is still arriving, before any
+    servicer code runs), and no image of theirs reaches onnxruntime."""
+    app = await start_server(model_config(int8_model))
+    registry = app.metrics.registry
+
+    def counted() -> dict[str, float]:
+        samples = [s for family in registry.collect() if family.name == "mobiserve_requests" for s in family.samples]
+        totals: Counter[str] = Counter()
+        for s in samples:
+            if s.name == "mobiserve_requests_total" and s.labels["method"] == "Classify":
+                totals[s.labels["code"]] += s.value
+        return dict(totals)
+
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{app.port}") as channel:
+            stub = pb_grpc.ClassifierStub(channel)
+            await stub.Classify(request_of(jpeg), timeout=30)
+            inferred = registry.get_sample_value("mobiserve_batch_size_images_sum", {"model": "int8"})
+            codes: Counter[str] = Counter()
+
+            async def one() -> None:
+                try:
+                    await stub.Classify(request_of(jpeg), timeout=0.005)
+                    codes["OK"] += 1
+                except grpc.aio.AioRpcError as exc:
+                    codes[exc.code().name] += 1
+
+            for _ in range(60):
+                await asyncio.gather(*(one() for _ in range(10)))
+            await asyncio.sleep(0.5)  # the last ones' handlers end
+        after = counted()
+        now_inferred = registry.get_sample_value("mobiserve_batch_size_images_sum", {"model": "int8"})
+    finally:
+        await app.stop(grace_s=5)
+    assert sum(codes.values()) == 600
+    assert after.get("OK", 0) - 1 == codes["OK"]  # the warm-up call was the one OK before
+    assert after.get("DEADLINE_EXCEEDED", 0) == codes["DEADLINE_EXCEEDED"]
+    assert set(after) <= {"OK", "DEADLINE_EXCEEDED"}, after
+    assert now_inferred - inferred == codes["OK"]  # no expired call's image was computed

@@ -101,6 +101,14 @@ class _Pending(Generic[T, R]):
     deadline: float | None = field(default=None)
 
 
+def _expired(p: _Pending[T, R], now: float) -> bool:
+    """Its deadline has passed: it fails with DEADLINE_EXCEEDED and is not run."""
+    if p.deadline is None or now < p.deadline:
+        return False
+    _set_exception(p.future, DeadlineExceeded("deadline passed while queued; not run"))
+    return True
+
+
 def _set_result(future: asyncio.Future[R], value: R) -> None:
     if not future.done():
         future.set_result(value)
@@ -260,8 +268,7 @@ class Batcher(Generic[I, T, R]):
             p.admission.consume()
             if p.future.done():  # cancelled caller, or a sibling item already failed
                 continue
-            if p.deadline is not None and now >= p.deadline:
-                _set_exception(p.future, DeadlineExceeded("deadline passed while queued; not run"))
+            if _expired(p, now):
                 continue
             batch.append(p)
         return batch
@@ -269,6 +276,11 @@ class Batcher(Generic[I, T, R]):
     async def _run(self, batch: list[_Pending[T, R]]) -> None:
         loop = asyncio.get_running_loop()
         started = loop.time()
+        # the last look before inference: callers may have gone or expired since the batch formed
+        batch = [p for p in batch if not p.future.done() and not _expired(p, started)]
+        if not batch:
+            self._slots.release()
+            return
         try:
             results = await self._stages.run_batch([p.item for p in batch])
             if len(results) != len(batch):

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterable
@@ -36,6 +37,7 @@ from mobiserve.server.transport.status import forget_frames, is_unexpected, stat
 
 log = logging.getLogger(__name__)
 
+CLOCK_SLACK_S = 0.005  # gRPC cancels at its own clock's deadline; ours may read a little earlier
 ANSWER_MARGIN_S = 0.05  # a held answer goes out this long before its call's deadline at the latest
 STREAM_WINDOW = 128  # requests in flight per stream; past it we stop reading (HTTP/2 flow control pushes back)
 SHUTTING_DOWN = "the server is shutting down; send the request to another instance or retry shortly"
@@ -92,7 +94,15 @@ class Calls:
                     # would race it (and gRPC would log the lost race as an error)
                     raise asyncio.CancelledError()
                 await self._until_port_closed(context)
-                await context.abort(outcome.code, outcome.message)
+                # Only abort() sends a trailers-only status, which clients may retry (a status
+                # after headers commits the call). It raises, and gRPC keeps that exception in a
+                # reference cycle with the frames it went through, gRPC's own among them, which
+                # hold the request: once the call is over, those frames are cleared.
+                try:
+                    await context.abort(outcome.code, outcome.message)
+                except BaseException as aborted:
+                    context.add_done_callback(functools.partial(_forget, aborted))
+                    raise
                 raise AssertionError("unreachable: abort() raises")
             await self._until_port_closed(context)
             return outcome
@@ -149,7 +159,7 @@ class Calls:
         except asyncio.CancelledError:
             # the client went away, or the call's deadline passed and gRPC cancelled it (gRPC's
             # own clock decides: ours may read a hair earlier)
-            expired = _expired(context) or time.monotonic() >= deadline
+            expired = _expired(context) or time.monotonic() >= deadline - CLOCK_SLACK_S
             code = grpc.StatusCode.DEADLINE_EXCEEDED if expired else grpc.StatusCode.CANCELLED
             raise
         except Exception as exc:
@@ -253,6 +263,10 @@ async def within(work: Awaitable[Resp], deadline: float) -> Resp:
         return await asyncio.wait_for(work, deadline - time.monotonic())
     except TimeoutError:
         raise DeadlineExceeded("the deadline passed before the request could be answered; it was dropped") from None
+
+
+def _forget(exc: BaseException, _: object) -> None:
+    forget_frames(exc)
 
 
 def _expired(context: grpc.aio.ServicerContext) -> bool:

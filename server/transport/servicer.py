@@ -6,6 +6,7 @@ lives in `calls.py`; this module only converts mobiserve.v1 messages.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import AsyncIterator
 
 import grpc
@@ -60,10 +61,7 @@ class ClassifierServicer(pb_grpc.ClassifierServicer):
         return self.calls.registry
 
     async def Classify(self, request: Request, context: grpc.aio.ServicerContext) -> pb.ClassifyResponse:
-        return await self.calls.unary(
-            context,
-            lambda deadline, refuse, enforce: self._classify(request, "Classify", context, deadline, refuse, enforce),
-        )
+        return await self.calls.unary(context, functools.partial(self._classify, request, "Classify", context))
 
     async def ClassifyStream(
         self, request_iterator: AsyncIterator[Request], context: grpc.aio.ServicerContext

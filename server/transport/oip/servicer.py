@@ -7,6 +7,7 @@ model of the protocol under the same name (an empty name means the default model
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import AsyncIterator
 from importlib import metadata
@@ -90,10 +91,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def ModelInfer(
         self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext
     ) -> pb.ModelInferResponse:
-        return await self.calls.unary(
-            context,
-            lambda deadline, refuse, enforce: self._infer(request, "ModelInfer", context, deadline, refuse, enforce),
-        )
+        return await self.calls.unary(context, functools.partial(self._infer, request, "ModelInfer", context))
 
     async def ModelStreamInfer(
         self, request_iterator: AsyncIterator[pb.ModelInferRequest], context: grpc.aio.ServicerContext
