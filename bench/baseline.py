@@ -14,18 +14,21 @@
 from __future__ import annotations
 
 import io
+import os
 import statistics
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import onnxruntime as ort
 from PIL import Image
 
+from mobiserve.bench.cpu import Cost, Probe, per_image_ms
+from mobiserve.server import threads as os_threads
 from mobiserve.server.app import load_model
 from mobiserve.server.config import ModelConfig
 from mobiserve.server.processing.normalize import assemble
@@ -53,6 +56,21 @@ class Baseline:
     ort_img_s: dict[int, float]  # batch size -> images/s on ready float32 inputs, server tuning
     ort_best_img_s: float
     ort_best_batch: int
+    # the harness's own CPU over each throughput run, ms per image, by thread role (cpu.ROLES)
+    card_cpu: PipelineCost | None = None
+    own_cpu: PipelineCost | None = None
+    ort_cpu_ms: dict[int, float] = field(default_factory=dict)  # batch size -> ms CPU per image
+
+
+@dataclass(frozen=True)
+class PipelineCost:
+    """An in-process run's CPU (and GIL, when sampled) per image, as the server steps report it."""
+
+    cpu_ms_img: float
+    cpu_roles_ms_img: dict[str, float]
+    gil_pct: float | None = None
+    gil_ms_img: float | None = None
+    gil_roles_ms_img: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -78,11 +96,13 @@ def card_preprocess(data: bytes) -> np.ndarray:
     )
 
 
-def measure(config: ModelConfig, data: Sequence[bytes], seconds: float, threads: int) -> Baseline:
-    """`config` resolved (instances and threads filled), as the server runs it."""
-    card_img_s, card_latency = _card(config.path, data, seconds, threads)
-    own_img_s, own_latency = _own(config, data, seconds, threads)
-    ort_img_s = _ort(config, seconds / 4)
+def measure(config: ModelConfig, data: Sequence[bytes], seconds: float, threads: int, gil: bool = False) -> Baseline:
+    """`config` resolved (instances and threads filled), as the server runs it. `gil`: sample
+    this process's GIL with py-spy during the two pipelines' runs."""
+    card_img_s, card_latency, card_cpu = _card(config.path, data, seconds, threads, gil)
+    own_img_s, own_latency, own_cpu = _own(config, data, seconds, threads, gil)
+    ort = _ort(config, seconds / 4)
+    ort_img_s = {b: img_s for b, (img_s, _) in ort.items()}
     best = max(ort_img_s, key=lambda b: ort_img_s[b])
     return Baseline(
         model=config.path,
@@ -96,23 +116,49 @@ def measure(config: ModelConfig, data: Sequence[bytes], seconds: float, threads:
         ort_img_s=ort_img_s,
         ort_best_img_s=ort_img_s[best],
         ort_best_batch=best,
+        card_cpu=card_cpu,
+        own_cpu=own_cpu,
+        ort_cpu_ms={b: cpu for b, (_, cpu) in ort.items()},
     )
 
 
-def _card(path: str, data: Sequence[bytes], seconds: float, threads: int) -> tuple[float, float]:
+def _cost(cost: Cost | None, images: int, seconds: float) -> PipelineCost | None:
+    if cost is None or not images:
+        return None
+    gil = cost.gil
+    return PipelineCost(
+        cpu_ms_img=round(1000 * cost.cpu_s / images, 3),
+        cpu_roles_ms_img=per_image_ms(cost.by_role_s, images),
+        gil_pct=None if gil is None else round(100 * gil.held, 1),
+        gil_ms_img=None if gil is None else round(1000 * gil.held * seconds / images, 3),
+        gil_roles_ms_img={} if gil is None else per_image_ms(gil.by_role_s, images),
+    )
+
+
+def _card(
+    path: str, data: Sequence[bytes], seconds: float, threads: int, gil: bool
+) -> tuple[float, float, PipelineCost | None]:
     so = ort.SessionOptions()
     so.intra_op_num_threads = threads
-    session = ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
+    with os_threads.creating_threads_as("ort-card"):
+        session = ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
     name = session.get_inputs()[0].name
     latency = _latency(lambda b: session.run(None, {name: card_preprocess(b)[None]}), data)
     run = lambda x: session.run(None, {name: x})
     stack = lambda prepared: np.stack(list(prepared))
-    with ThreadPoolExecutor(threads) as pool:
-        img_s = _pipeline(card_preprocess, stack, run, data, CARD_BATCH, pool, seconds, loops=1)
-    return img_s, latency
+    with _pool(threads) as pool:
+        img_s, cost = _pipeline(card_preprocess, stack, run, data, CARD_BATCH, pool, seconds, loops=1, gil=gil)
+    return img_s, latency, cost
 
 
-def _own(config: ModelConfig, data: Sequence[bytes], seconds: float, threads: int) -> tuple[float, float]:
+def _pool(threads: int) -> ThreadPoolExecutor:
+    """Preprocessing threads named as the server's, so that their CPU is told apart the same way."""
+    return ThreadPoolExecutor(threads, thread_name_prefix="preprocess", initializer=os_threads.name_current)
+
+
+def _own(
+    config: ModelConfig, data: Sequence[bytes], seconds: float, threads: int, gil: bool
+) -> tuple[float, float, PipelineCost | None]:
     model = load_model(config)
     limits = ImageLimits()
 
@@ -120,11 +166,11 @@ def _own(config: ModelConfig, data: Sequence[bytes], seconds: float, threads: in
         return preprocess_encoded(data, limits)
 
     latency = _latency(lambda b: model.infer([prepare(b)]), data)
-    with ThreadPoolExecutor(threads) as pool:
-        img_s = _pipeline(
-            prepare, list, model.infer, data, config.max_batch_size, pool, seconds, loops=config.instances
+    with _pool(threads) as pool:
+        img_s, cost = _pipeline(
+            prepare, list, model.infer, data, config.max_batch_size, pool, seconds, loops=config.instances, gil=gil
         )
-    return img_s, latency
+    return img_s, latency, cost
 
 
 def _latency(one: Callable[[bytes], object], data: Sequence[bytes]) -> float:
@@ -145,9 +191,12 @@ def _pipeline(
     pool: ThreadPoolExecutor,
     seconds: float,
     loops: int,
-) -> float:
+    gil: bool = False,
+) -> tuple[float, PipelineCost | None]:
     """check_perf's loop: while a batch runs, the pool prepares the next one. `loops` such loops
-    run at once (one per session instance) on the shared pool; images/s over all of them."""
+    run at once (one per session instance) on the shared pool; images/s over all of them, and
+    this process's CPU per image inferred by thread role (the one batch prepared ahead and not
+    run adds its preprocessing to the others': ~1/(seconds x img/s / batch) of it)."""
     counts = [0] * loops
 
     def loop(k: int) -> None:
@@ -161,17 +210,19 @@ def _pipeline(
             infer(items)
             counts[k] += batch
 
-    elapsed = _in_threads(loop, loops)
-    return sum(counts) / elapsed
+    elapsed, cost = _in_threads(loop, loops, Probe(os.getpid(), gil))
+    return sum(counts) / elapsed, _cost(cost, sum(counts), elapsed)
 
 
-def _ort(config: ModelConfig, seconds: float) -> dict[int, float]:
-    """onnxruntime alone, the server's sessions and tuning, on ready float32 inputs."""
+def _ort(config: ModelConfig, seconds: float) -> dict[int, tuple[float, float]]:
+    """onnxruntime alone, the server's sessions and tuning, on ready float32 inputs: per batch
+    size, images/s and this process's ms of CPU per image."""
     tuning = SessionTuning(intra_op_threads=config.intra_op_threads, allow_spinning=config.allow_spinning)
-    sessions = [open_session(config.path, tuning) for _ in range(config.instances)]
+    with os_threads.creating_threads_as("ort-alone"):
+        sessions = [open_session(config.path, tuning) for _ in range(config.instances)]
     name = sessions[0].get_inputs()[0].name
     rng = np.random.default_rng(0)
-    result = {}
+    result: dict[int, tuple[float, float]] = {}
     for batch in sorted({*ORT_BATCHES, config.max_batch_size}):
         x = rng.standard_normal((batch, 3, 224, 224), dtype=np.float32)
         for s in sessions:
@@ -184,20 +235,39 @@ def _ort(config: ModelConfig, seconds: float) -> dict[int, float]:
                 sessions[k].run(None, {name: x})
                 counts[k] += batch
 
-        elapsed = _in_threads(loop, len(sessions))
-        result[batch] = sum(counts) / elapsed
+        elapsed, cost = _in_threads(loop, len(sessions), Probe(os.getpid()))
+        cpu_ms = round(1000 * cost.cpu_s / sum(counts), 3) if cost is not None and counts else float("nan")
+        result[batch] = (sum(counts) / elapsed, cpu_ms)
     return result
 
 
-def _in_threads(loop: Callable[[int], None], n: int) -> float:
-    """Run loop(0) .. loop(n - 1) at once, one thread each; seconds until all are done."""
+def _in_threads(loop: Callable[[int], None], n: int, probe: Probe) -> tuple[float, Cost | None]:
+    """Run loop(0) .. loop(n - 1) at once, one thread each (named infer_K, their role in the CPU
+    report); seconds until all are done, and what `probe` read over that time. The probe stops
+    before the threads end: an ended thread's CPU is no longer told apart by role."""
+    finished = threading.Barrier(n + 1)
+    release = threading.Event()
+
+    def named(k: int) -> None:
+        os_threads.set_name(f"infer_{k}")
+        try:
+            loop(k)
+        finally:
+            finished.wait()
+            release.wait()
+
+    probe.start()
     t0 = time.perf_counter()
-    threads = [threading.Thread(target=loop, args=(k,)) for k in range(n)]
+    threads = [threading.Thread(target=named, args=(k,), name=f"infer_{k}") for k in range(n)]
     for t in threads:
         t.start()
+    finished.wait()
+    elapsed = time.perf_counter() - t0
+    cost = probe.stop()
+    release.set()
     for t in threads:
         t.join()
-    return time.perf_counter() - t0
+    return elapsed, cost
 
 
 def preprocess_report(data: Sequence[bytes]) -> PreprocessReport:

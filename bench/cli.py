@@ -14,6 +14,7 @@ from contextlib import ExitStack
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from mobiserve.bench.cpu import GIL_RATE
 from mobiserve.bench.loadgen import BenchError, Load, StepResult, Workload
 from mobiserve.common.command import fail, missing
 from mobiserve.common.datasets import IMAGE_SUFFIXES, image_files
@@ -101,6 +102,12 @@ def register(sub: Subcommands) -> None:
         action="store_true",
         help="also run the same sweep against a plain unbatched gRPC server on the same model",
     )
+    extra.add_argument(
+        "--gil",
+        action="store_true",
+        help="also sample which thread holds the GIL with py-spy (pip install py-spy) over each measured "
+        "window of a server the harness starts and of the in-process pipelines: GIL ms per image by role",
+    )
     p.add_argument("--output", type=Path, help="report folder (default: reports/bench-<timestamp>)")
     p.set_defaults(func=_bench)
 
@@ -108,9 +115,11 @@ def register(sub: Subcommands) -> None:
 def _bench(args: argparse.Namespace) -> int:
     if hint := missing("bench", *SERVER_MODULES, "tqdm"):
         return fail(hint)
+    from mobiserve.bench.cpu import SamplingError
+
     try:
         run(args)
-    except BenchError as exc:
+    except (BenchError, SamplingError) as exc:
         return fail(str(exc))
     return 0
 
@@ -129,6 +138,13 @@ def run(args: argparse.Namespace) -> None:
             "--baseline and --compare-unbatched compare with this machine: the target must be "
             f"127.0.0.1 or localhost (or use --serve), not {args.target}"
         )
+    if args.gil:
+        from mobiserve.bench.cpu import py_spy
+
+        if py_spy() is None:
+            raise BenchError("--gil samples with py-spy, which is not installed: pip install py-spy")
+        if not managed and not args.baseline:
+            raise BenchError("--gil samples the processes the harness runs: use it with --serve or --baseline")
     out = args.output or Path("reports") / time.strftime("bench-%Y%m%d-%H%M%S")
     machine = rep.machine()
     report = rep.Report(
@@ -146,11 +162,13 @@ def run(args: argparse.Namespace) -> None:
             report.target, server_pid = server.target, server.pid
         report.server = _model_info(report.target, args.model) | ({"serve_args": args.serve} if managed else {})
         model_path = _model_path(report.server) if compare else ""  # checked before minutes of load
-        report.steps = _sweep(_workload(args, report.target, images), loads, "mobiserve", machine.cores, server_pid)
+        report.steps = _sweep(
+            _workload(args, report.target, images), loads, "mobiserve", machine.cores, server_pid, args.gil
+        )
     if args.compare_unbatched:
         with unbatched_server(model_path, out / "unbatched.log") as unbatched:
             workload = _workload(args, unbatched.target, images, model="")
-            report.unbatched = _sweep(workload, loads, "unbatched", machine.cores, unbatched.pid)
+            report.unbatched = _sweep(workload, loads, "unbatched", machine.cores, unbatched.pid, args.gil)
     if args.baseline or args.preprocess_report:
         _references(report, args, images, model_path)
     report.ratios = rep.headline_ratios(report)
@@ -159,16 +177,18 @@ def run(args: argparse.Namespace) -> None:
     print(f"\nreport: {', '.join(str(p) for p in paths)}")
 
 
-def _sweep(workload: Workload, loads: list[Load], server: str, cores: int, pid: int | None) -> list[StepResult]:
+def _sweep(
+    workload: Workload, loads: list[Load], server: str, cores: int, pid: int | None, gil: bool = False
+) -> list[StepResult]:
     from tqdm import tqdm
 
+    from mobiserve.bench.cpu import Probe
     from mobiserve.bench.loadgen import run_step
-    from mobiserve.bench.servers import cpu_seconds
 
     steps = []
     for load in loads:
         label = f"{server} " + (f"c={load.concurrency}" if load.closed else f"{load.rate:g} req/s")
-        step = run_step(workload, load, server, cores, (lambda: cpu_seconds(pid)) if pid else (lambda: None), label)
+        step = run_step(workload, load, server, cores, Probe(pid, gil) if pid else None, label)
         errors = sum(step.errors.values())
         tqdm.write(
             f"{label}: {step.img_s:.1f} img/s, p50 {step.p50_ms:.1f} ms, p99 {step.p99_ms:.1f} ms, "
@@ -195,7 +215,7 @@ def _references(report: Report, args: argparse.Namespace, images: list[Path], mo
             instances=s["instances"],
             intra_op_threads=s["intra_op_threads"],
         )
-        report.baseline = baseline.measure(config, data, args.baseline_seconds, available_cores())
+        report.baseline = baseline.measure(config, data, args.baseline_seconds, available_cores(), args.gil)
     report.preprocess = baseline.preprocess_report(data)
 
 
@@ -276,6 +296,7 @@ def _settings(args: argparse.Namespace, loads: list[Load], images: int) -> dict[
         "concurrency": [ld.concurrency for ld in loads] if loads[0].closed else [],
         "rate": [ld.rate for ld in loads] if not loads[0].closed else [],
         "client_processes": [ld.processes for ld in loads],
+        "gil_sampling": f"py-spy record --gil --nonblocking at {GIL_RATE} Hz" if args.gil else None,
     }
 
 

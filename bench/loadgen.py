@@ -27,6 +27,7 @@ from typing import Any
 import grpc
 import numpy as np
 
+from mobiserve.bench.cpu import Cost, Probe, per_image_ms
 from mobiserve.v1 import classifier_pb2 as pb
 from mobiserve.v1 import classifier_pb2_grpc as pb_grpc
 
@@ -106,6 +107,13 @@ class StepResult:
     server_cpu_pct: float | None  # of window x cores, when the harness started the server
     lag_max_ms: float  # open loop: how late the client sent its latest request
     errors: dict[str, int] = field(default_factory=dict)
+    # where the server's CPU went, per image (when the harness started the server): ms CPU per
+    # image in all and by thread role (cpu.ROLES), and GIL-held ms per image (with --gil)
+    cpu_ms_img: float | None = None
+    cpu_roles_ms_img: dict[str, float] = field(default_factory=dict)
+    gil_pct: float | None = None  # of the window, some thread held the GIL
+    gil_ms_img: float | None = None
+    gil_roles_ms_img: dict[str, float] = field(default_factory=dict)
 
 
 # ------------------------------------------------------------------------------------ parent side
@@ -152,10 +160,11 @@ def run_step(
     load: Load,
     server: str,
     cores: int,
-    server_cpu: Callable[[], float | None] = lambda: None,
+    probe: Probe | None = None,
     label: str = "",
 ) -> StepResult:
-    """Run one step from `load.processes` spawned workers and return its figures."""
+    """Run one step from `load.processes` spawned workers and return its figures; `probe` reads
+    the server process over the measurement window (CPU by thread role, GIL)."""
     from tqdm import tqdm  # the bench extra's; imported when the harness runs, not when it registers
 
     ctx = mp.get_context("spawn")
@@ -183,13 +192,18 @@ def run_step(
                 bar.n = min(total, max(0.0, time.monotonic() - t_start)) if load.duration_s else sync.progress.value
                 bar.refresh()
 
-            cpu0 = _sample_at(t_start, server_cpu, tick)
+            cost = None
+            _wait_until(t_start, tick)
+            if probe is not None:
+                probe.start()
             if load.duration_s:
                 t_end = t_start + load.duration_s
-                cpu1 = _sample_at(t_end, server_cpu, tick)
+                _wait_until(t_end, tick)
+                cost = probe.stop() if probe is not None else None
             records = _collect(sync, workers, "done", None, tick)
             if not load.duration_s:
-                t_end, cpu1 = time.monotonic(), server_cpu()
+                t_end = time.monotonic()
+                cost = probe.stop() if probe is not None else None
     except BaseException:
         for w in workers:
             w.kill()
@@ -199,8 +213,7 @@ def run_step(
             w.join(timeout=10)
             if w.is_alive():
                 w.kill()
-    server_cpu_s = None if cpu0 is None or cpu1 is None else cpu1 - cpu0
-    return _summarise(records, workload, load, server, cores, t_start, server_cpu_s, t_end - t_start)
+    return _summarise(records, workload, load, server, cores, t_start, cost, t_end - t_start)
 
 
 def _shares(load: Load) -> list[_Share]:
@@ -225,11 +238,10 @@ def _shares(load: Load) -> list[_Share]:
     ]
 
 
-def _sample_at(when: float, sample: Callable[[], float | None], tick: Callable[[], None]) -> float | None:
+def _wait_until(when: float, tick: Callable[[], None]) -> None:
     while (left := when - time.monotonic()) > 0:
         time.sleep(min(left, 0.1))
         tick()
-    return sample()
 
 
 def _collect(
@@ -266,7 +278,7 @@ def _summarise(
     server: str,
     cores: int,
     t_start: float,
-    server_cpu_s: float | None,
+    cost: Cost | None,
     server_window_s: float,
 ) -> StepResult:
     cat = {f.name: np.concatenate([getattr(r, f.name) for r in records]) for f in fields(_Records) if f.name != "cpu_s"}
@@ -320,10 +332,26 @@ def _summarise(
         batch_size=mean("batch_size"),
         client_cpu_s=round(client_cpu_s, 3),
         client_cpu_pct=pct_of_cores(client_cpu_s, window) or 0.0,
-        server_cpu_pct=pct_of_cores(server_cpu_s, server_window_s),
+        server_cpu_pct=pct_of_cores(cost.cpu_s if cost else None, server_window_s),
+        **_cost_fields(cost, n_ok * workload.batch, server_window_s),
         lag_max_ms=round(float(cat["lag"][selected].max()) * 1000, 3) if selected.any() else 0.0,
         errors=dict(sorted(errors.items())),
     )
+
+
+def _cost_fields(cost: Cost | None, images: int, window_s: float) -> dict[str, Any]:
+    """The server's cost per image over a window of `window_s` seconds that answered `images`."""
+    if cost is None or not images:
+        return {}
+    out: dict[str, Any] = {
+        "cpu_ms_img": round(1000 * cost.cpu_s / images, 3),
+        "cpu_roles_ms_img": per_image_ms(cost.by_role_s, images),
+    }
+    if cost.gil is not None:
+        out["gil_pct"] = round(100 * cost.gil.held, 1)
+        out["gil_ms_img"] = round(1000 * cost.gil.held * window_s / images, 3)
+        out["gil_roles_ms_img"] = per_image_ms(cost.gil.by_role_s, images)
+    return out
 
 
 # ------------------------------------------------------------------------------------ worker side

@@ -8,11 +8,13 @@ import json
 import math
 import os
 import platform
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
-from mobiserve.bench.baseline import CARD_BATCH, Baseline, PreprocessReport
+from mobiserve.bench.baseline import CARD_BATCH, Baseline, PipelineCost, PreprocessReport
+from mobiserve.bench.cpu import ROLES
 from mobiserve.bench.loadgen import StepResult
 from mobiserve.server.runtime.session import available_cores
 
@@ -179,15 +181,22 @@ def _plain(value: Any) -> Any:
     return value
 
 
+_ROLE_COLUMNS = ("cpu_roles_ms_img", "gil_roles_ms_img")  # one CSV column per role: cpu_ms_img_loop, ...
+
+
 def write_csv(report: Report, path: Path) -> None:
-    names = [f.name for f in dataclasses.fields(StepResult)]
+    names = [f.name for f in dataclasses.fields(StepResult) if f.name not in _ROLE_COLUMNS]
+    roles = [f"{kind}_ms_img_{role}" for kind in ("cpu", "gil") for role in ROLES]
     extra = ["x_card", "x_own", "x_ort", "x_unbatched"]
     with path.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=names + extra)
+        writer = csv.DictWriter(f, fieldnames=names + roles + extra)
         writer.writeheader()
         for step in report.steps + report.unbatched:
             row = dataclasses.asdict(step)
             row["errors"] = ";".join(f"{k}={v}" for k, v in step.errors.items())
+            for kind, column in zip(("cpu", "gil"), _ROLE_COLUMNS):
+                for role, ms in row.pop(column).items():
+                    row[f"{kind}_ms_img_{role}"] = ms
             ratios = step_ratios(step, report) if step.server != "unbatched" else {}
             writer.writerow(row | {k: "" if (v := ratios.get(k)) is None else round(v, 4) for k in extra})
 
@@ -338,6 +347,7 @@ def print_table(report: Report, out: TextIO) -> None:
         ]
         for name, img_s, note in lines:
             p(f"  {name:<46} {img_s:8.1f} img/s   {note}")
+    _print_costs(report, p)
     pre = report.preprocess
     if pre is not None:
         p("")
@@ -352,6 +362,43 @@ def print_table(report: Report, out: TextIO) -> None:
         for ratio in report.ratios:
             mark = "" if ratio.met is None else ("  ok" if ratio.met else "  SHORT")
             p(f"  {ratio.name:<62} {ratio.value:9.3f}   target {ratio.target}{mark}")
+
+
+def _print_costs(report: Report, p: Callable[..., None]) -> None:
+    """ms of CPU per image by thread role (and GIL ms per image), servers and in-process alike."""
+    rows: list[tuple[str, str, PipelineCost | StepResult]] = [
+        (st.server, _load_label(st), st) for st in report.steps + report.unbatched if st.cpu_ms_img is not None
+    ]
+    b = report.baseline
+    if b is not None:
+        rows += [(name, "in-process", c) for name, c in (("card", b.card_cpu), ("own", b.own_cpu)) if c is not None]
+    if not rows:
+        return
+    gil = any(c.gil_ms_img is not None for _, _, c in rows)
+    head = ["", "load", "total", *ROLES] + (
+        ["gil", "gil %", *(f"gil {r}" for r in ("loop", "preprocess"))] if gil else []
+    )
+    table = []
+    for name, load, c in rows:
+        cells = [name, load, _num(c.cpu_ms_img, 2), *(_num(c.cpu_roles_ms_img.get(r), 2) for r in ROLES)]
+        if gil:
+            cells += [_num(c.gil_ms_img, 2), _num(c.gil_pct, 1)]
+            cells += [_num(c.gil_roles_ms_img.get(r), 2) for r in ("loop", "preprocess")]
+        table.append(cells)
+    widths = [max(len(h), *(len(row[i]) for row in table)) for i, h in enumerate(head)]
+    p("")
+    p(
+        "ms of CPU per image by thread role (/proc/<pid>/task, over the measured window)"
+        + ("; GIL held, ms per image (py-spy --gil)" if gil else "")
+    )
+    p("  ".join(h.rjust(w) for h, w in zip(head, widths)))
+    for cells in table:
+        p("  ".join(cell.rjust(w) for cell, w in zip(cells, widths)))
+    if b is not None and b.ort_cpu_ms:
+        p(
+            "onnxruntime alone on ready tensors, ms of CPU per image: "
+            + " ".join(f"b{k}={v:.2f}" for k, v in b.ort_cpu_ms.items())
+        )
 
 
 def _ms(value: float) -> str:

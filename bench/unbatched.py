@@ -23,6 +23,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from mobiserve.common.labels import IMAGENET_SYNSETS, Labels
+from mobiserve.server import threads as os_threads
 from mobiserve.server.config import ModelConfig
 from mobiserve.server.metrics import Metrics
 from mobiserve.server.processing.preprocess import ImageLimits
@@ -55,7 +56,7 @@ class UnbatchedModel:
             max_queue_size=0,
         )
         self.description = describe(config, model)
-        self._pool = ThreadPoolExecutor(threads, thread_name_prefix="request")
+        self._pool = ThreadPoolExecutor(threads, thread_name_prefix="request", initializer=os_threads.name_current)
 
     @property
     def name(self) -> str:
@@ -80,6 +81,7 @@ async def serve(model_path: str, host: str, port: int, threads: int, intra_op_th
     model = Model(model_path, Labels.load(IMAGENET_SYNSETS), SessionTuning(intra_op_threads=intra_op_threads))
     model.warm_up(1)
     server = grpc.aio.server(options=[("grpc.max_receive_message_length", 256 << 20), ("grpc.so_reuseport", 0)])
+    os_threads.name_grpc_poller()
     calls = Calls(Metrics(), default_timeout_s=30.0, model_names=[NAME])
     calls.registry = ModelRegistry([UnbatchedModel(model, threads)], NAME)
     pb_grpc.add_ClassifierServicer_to_server(ClassifierServicer(calls), server)

@@ -28,6 +28,7 @@ from grpc_reflection.v1alpha import reflection, reflection_pb2
 from mobiserve.common.labels import Labels
 from mobiserve.inference import grpc_service_pb2 as oip_pb
 from mobiserve.inference import grpc_service_pb2_grpc as oip_pb_grpc
+from mobiserve.server import threads
 from mobiserve.server.config import ModelConfig, ServerConfig
 from mobiserve.server.memory import return_large_blocks_to_the_system
 from mobiserve.server.metrics import Metrics
@@ -208,7 +209,10 @@ async def create_app(config: ServerConfig) -> App:
                 f"cannot serve metrics on {config.host}:{config.metrics_port}: {exc.strerror or exc}"
             ) from None
     await server.start()
-    pool = ThreadPoolExecutor(config.preprocess_threads, thread_name_prefix="preprocess")
+    threads.name_grpc_poller()
+    pool = ThreadPoolExecutor(
+        config.preprocess_threads, thread_name_prefix="preprocess", initializer=threads.name_current
+    )
     tls = "mutual" if config.tls_client_ca else "server" if credentials else "off"
     log.info("event=listening address=%s:%d tls=%s metrics_port=%d", config.host, port, tls, metrics_port)
     if not credentials and not _is_loopback(config.host):

@@ -18,6 +18,7 @@ from typing import Protocol
 import numpy as np
 
 from mobiserve.common.labels import Labels
+from mobiserve.server import threads
 from mobiserve.server.batching import Answered, Batcher, Stages
 from mobiserve.server.config import ModelConfig
 from mobiserve.server.errors import DeadlineExceeded, InvalidInput, ModelNotFound, shown
@@ -204,7 +205,9 @@ class ServedModel:
         self.max_images_per_request = max_images_per_request
         self._preprocess_pool = preprocess_pool
         # one thread per session instance: the batcher never runs more batches than that
-        self._infer_pool = ThreadPoolExecutor(config.instances, thread_name_prefix=f"infer-{config.name}")
+        self._infer_pool = ThreadPoolExecutor(
+            config.instances, thread_name_prefix=f"infer-{config.name}", initializer=threads.name_current
+        )
         self.batcher: Batcher[ImageInput, np.ndarray, ImageScores] = Batcher(
             Stages(self._prepare, self._run_batch, self._run_alone),
             max_batch_size=config.max_batch_size,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import csv
 import json
+import os
 import sys
 from collections.abc import AsyncIterator
 from contextlib import ExitStack
@@ -20,6 +21,7 @@ import grpc
 import pytest
 import pytest_asyncio
 
+from mobiserve.bench.cpu import ROLES, py_spy, role_of, snapshot
 from mobiserve.bench.servers import unbatched_server
 from mobiserve.server.app import App
 from mobiserve.v1 import classifier_pb2_grpc as pb_grpc
@@ -184,6 +186,66 @@ async def test_unbatched_server_answers_like_the_real_server(
             assert bad.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     finally:
         await asyncio.to_thread(stack.close)
+
+
+async def test_cost_report_splits_a_started_servers_cpu_by_thread_role(few_images: Path, tmp_path: Path) -> None:
+    """The per-image cost instrument on a server the harness starts: every role the server has is
+    there, the roles add up to the process's own total, and the in-process pipelines get the same."""
+    code, out, err = await bench(
+        "--serve",
+        f"--model {INT8}",
+        "--concurrency",
+        "8",
+        "--duration",
+        "2",
+        "--warmup",
+        "0.5",
+        "--images",
+        str(few_images),
+        "--baseline",
+        "--baseline-seconds",
+        "1",
+        *(["--gil"] if py_spy() else []),
+        "--output",
+        str(tmp_path),
+    )
+    assert code == 0, err
+    report, rows = outputs(tmp_path)
+    (step,) = report["steps"]
+    check_step(step)
+    roles = step["cpu_roles_ms_img"]
+    assert set(roles) == set(ROLES)
+    for role in ("loop", "preprocess", "inference", "onnxruntime", "grpc"):
+        assert roles[role] > 0, (role, roles)
+    # the roles are the process's total, split: equal but for rounding
+    assert sum(roles.values()) == pytest.approx(step["cpu_ms_img"], abs=0.02)
+    assert roles["other"] < 0.2 * step["cpu_ms_img"]  # every busy thread has a role
+    # the CPU per image agrees with the CPU share of the cores over the window
+    cores = report["machine"]["cores"]
+    busy_s = step["server_cpu_pct"] / 100 * cores * step["window_s"]
+    assert step["cpu_ms_img"] * step["images"] / 1000 == pytest.approx(busy_s, rel=0.1)
+    assert float(rows[0]["cpu_ms_img_preprocess"]) == roles["preprocess"]
+    for name in ("card_cpu", "own_cpu"):
+        pipeline = report["baseline"][name]
+        assert pipeline["cpu_roles_ms_img"]["preprocess"] > 0 and pipeline["cpu_roles_ms_img"]["onnxruntime"] > 0
+        assert sum(pipeline["cpu_roles_ms_img"].values()) == pytest.approx(pipeline["cpu_ms_img"], abs=0.02)
+    assert report["baseline"]["own_cpu"]["cpu_roles_ms_img"]["inference"] > 0
+    assert all(ms > 0 for ms in report["baseline"]["ort_cpu_ms"].values())
+    if py_spy():
+        assert 0 < step["gil_pct"] < 100 and step["gil_ms_img"] > 0
+        assert step["gil_roles_ms_img"]["loop"] > 0
+        assert sum(step["gil_roles_ms_img"].values()) == pytest.approx(step["gil_ms_img"], abs=0.02)
+        assert report["baseline"]["own_cpu"]["gil_ms_img"] > 0
+    assert "ms of CPU per image by thread role" in out
+
+
+async def test_a_servers_threads_are_named_by_role(server: App, stub: pb_grpc.ClassifierStub, jpeg: bytes) -> None:
+    """The OS names the report classifies by (top -H shows the same)."""
+    await asyncio.gather(*(stub.Classify(request_of(jpeg), timeout=60) for _ in range(8)))
+    shot = snapshot(os.getpid())
+    assert shot is not None
+    found = {role_of(name, tid, os.getpid()) for tid, (name, _) in shot.threads.items()}
+    assert {"loop", "preprocess", "inference", "onnxruntime", "grpc"} <= found
 
 
 @pytest.mark.parametrize(

@@ -14,6 +14,7 @@ import onnxruntime as ort
 
 from mobiserve.common.labels import Labels
 from mobiserve.common.zoo import sha256_of
+from mobiserve.server import threads
 from mobiserve.server.errors import ModelLoadError
 from mobiserve.server.processing.normalize import assemble
 from mobiserve.server.processing.postprocess import rank, softmax
@@ -52,7 +53,8 @@ class Model:
         if not Path(path).is_file():
             raise ModelLoadError(f"model file not found: {path}")
         try:
-            sessions = [open_session(self.path, tuning) for _ in range(instances)]
+            with threads.creating_threads_as(f"ort-{Path(path).stem}"):  # onnxruntime's pools inherit the name
+                sessions = [open_session(self.path, tuning) for _ in range(instances)]
         except Exception as exc:  # onnxruntime raises its own Fail/InvalidProtobuf/... types
             first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise ModelLoadError(f"cannot load {path} with onnxruntime: {first_line}") from None
@@ -64,9 +66,10 @@ class Model:
         self._free: queue.SimpleQueue[ort.InferenceSession] = queue.SimpleQueue()
         for session in sessions:
             self._free.put(session)
-        self._spinning = (
-            None if tuning.allow_spinning else open_session(self.path, replace(tuning, allow_spinning=True))
-        )
+        with threads.creating_threads_as(f"ort-{Path(path).stem}"):
+            self._spinning = (
+                None if tuning.allow_spinning else open_session(self.path, replace(tuning, allow_spinning=True))
+            )
         self._spinning_busy = threading.Lock()
 
     def infer(self, items: Sequence[np.ndarray]) -> BatchScores:
