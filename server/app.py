@@ -19,6 +19,7 @@ import ssl
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import grpc
 from google.protobuf import descriptor_pool
@@ -35,7 +36,7 @@ from mobiserve.server.metrics import Metrics
 from mobiserve.server.metrics_http import MetricsServer
 from mobiserve.server.processing.preprocess import ImageLimits
 from mobiserve.server.runtime.model import Model
-from mobiserve.server.runtime.session import SessionTuning
+from mobiserve.server.runtime.session import SessionTuning, available_cores
 from mobiserve.server.serving import ModelRegistry, ServedModel
 from mobiserve.server.transport.arrivals import UNREAD, Undelivered
 from mobiserve.server.transport.calls import Calls
@@ -61,6 +62,15 @@ def load_model(config: ModelConfig) -> Model:
     return model
 
 
+@dataclass(frozen=True)
+class Worker:
+    """This process is worker `index` of `mobiserve serve --workers N` (server/workers.py)."""
+
+    index: int
+    all_ready: Any  # a multiprocessing Event the supervisor sets once every worker is ready
+    ready: Any  # a multiprocessing Queue: (index, "ready") once this one serves
+
+
 @dataclass
 class App:
     config: ServerConfig
@@ -73,10 +83,18 @@ class App:
     metrics: Metrics
     preprocess_pool: ThreadPoolExecutor
     metrics_server: MetricsServer | None = None
+    worker: Worker | None = None
     served: list[ServedModel] = field(default_factory=list)
+    _sampler: asyncio.Task[None] | None = None
 
     async def load(self) -> ModelRegistry:
         """Load and warm every model, then turn SERVING. Raises ModelLoadError on a bad model."""
+        registry = await self.load_models()
+        await self.serving()
+        return registry
+
+    async def load_models(self) -> ModelRegistry:
+        """Load and warm every model and take requests; health stays NOT_SERVING until `serving()`."""
         loop = asyncio.get_running_loop()
         limits = ImageLimits(max_pixels=self.config.max_pixels)
         served = self.served
@@ -106,12 +124,27 @@ class App:
             ready.start()
             self.metrics.model_ready.labels(ready.name).set(1)
             log.info("event=model_ready model=%s", ready.name)
-            self.metrics.queue_depth.labels(ready.name).set_function(ready.queued)
+            if not self.metrics.multiprocess:
+                self.metrics.queue_depth.labels(ready.name).set_function(ready.queued)
+        if self.metrics.multiprocess:  # the supervisor cannot call back into this process
+            self._sampler = asyncio.create_task(self._sample_queues(), name="queue-depth")
         self.calls.registry = registry
+        return registry
+
+    async def serving(self) -> None:
+        """Health SERVING: load balancers and health-checking clients send calls from now on."""
         for name in ("", *SERVICES):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
-        log.info("event=serving port=%d models=%s default=%s", self.port, ",".join(registry.models), registry.default)
-        return registry
+        registry = self.calls.registry
+        assert registry is not None, "load_models() first"
+        event = "serving" if self.worker is None else "worker_serving"  # the supervisor says "serving"
+        log.info("event=%s port=%d models=%s default=%s", event, self.port, ",".join(registry.models), registry.default)
+
+    async def _sample_queues(self, every_s: float = 0.5) -> None:
+        while True:
+            for model in self.served:
+                self.metrics.queue_depth.labels(model.name).set(model.queued())
+            await asyncio.sleep(every_s)
 
     async def stop(self, grace_s: float | None = None) -> None:
         """Drain: NOT_SERVING, refuse new RPCs, answer what was accepted, exit.
@@ -154,6 +187,8 @@ class App:
         await self._release(quiet=True)
 
     async def _release(self, quiet: bool = False) -> None:
+        if self._sampler is not None:
+            self._sampler.cancel()
         for model in self.served:
             await model.close()
             if not quiet:
@@ -163,12 +198,15 @@ class App:
             await self.metrics_server.close()
 
 
-async def create_app(config: ServerConfig) -> App:
-    """Bind and start the server (health NOT_SERVING); call `App.load()` next."""
+async def create_app(config: ServerConfig, worker: Worker | None = None) -> App:
+    """Bind and start the server (health NOT_SERVING); call `App.load()` next.
+
+    A worker binds the port its supervisor holds (SO_REUSEPORT) but starts listening only once
+    its models are loaded (`run` does), so that no connection lands on a worker still loading."""
     options = [
         ("grpc.max_receive_message_length", config.max_message_bytes),
         ("grpc.max_send_message_length", config.max_message_bytes),
-        ("grpc.so_reuseport", 0),
+        ("grpc.so_reuseport", int(worker is not None)),
         *connection_options(config),
     ]
     metrics = Metrics()
@@ -192,7 +230,8 @@ async def create_app(config: ServerConfig) -> App:
         await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
     address = f"{config.host}:{config.port}"
     credentials = _credentials(config) if config.tls_cert else None
-    _check_bindable(config.host, config.port)
+    if worker is None:
+        _check_bindable(config.host, config.port)
     try:
         port = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
     except RuntimeError:  # grpc's way of saying the bind failed
@@ -208,13 +247,17 @@ async def create_app(config: ServerConfig) -> App:
             raise OSError(
                 f"cannot serve metrics on {config.host}:{config.metrics_port}: {exc.strerror or exc}"
             ) from None
-    await server.start()
+    if worker is None:
+        await server.start()
     threads.name_grpc_poller()
     pool = ThreadPoolExecutor(
-        config.preprocess_threads, thread_name_prefix="preprocess", initializer=threads.name_current
+        config.preprocess_threads or available_cores(),
+        thread_name_prefix="preprocess",
+        initializer=threads.name_current,
     )
     tls = "mutual" if config.tls_client_ca else "server" if credentials else "off"
-    log.info("event=listening address=%s:%d tls=%s metrics_port=%d", config.host, port, tls, metrics_port)
+    event = "listening" if worker is None else "worker_listening"
+    log.info("event=%s address=%s:%d tls=%s metrics_port=%d", event, config.host, port, tls, metrics_port)
     if not credentials and not _is_loopback(config.host):
         log.warning(
             "event=insecure_bind address=%s:%d message=%r",
@@ -223,7 +266,7 @@ async def create_app(config: ServerConfig) -> App:
             "plain-text gRPC on a non-loopback address: anyone who can reach it can use and read it; "
             "give --tls-cert/--tls-key",
         )
-    return App(config, server, port, health_servicer, calls, servicer, inference, metrics, pool, metrics_server)
+    return App(config, server, port, health_servicer, calls, servicer, inference, metrics, pool, metrics_server, worker)
 
 
 def _reflection_pool() -> descriptor_pool.DescriptorPool:
@@ -285,10 +328,10 @@ def _is_loopback(host: str) -> bool:
         return host == "localhost"
 
 
-async def run(config: ServerConfig) -> None:
+async def run(config: ServerConfig, worker: Worker | None = None) -> None:
     """Serve until SIGTERM/SIGINT, then drain. Raises ModelLoadError if a model cannot load."""
     return_large_blocks_to_the_system()
-    app = await create_app(config)
+    app = await create_app(config, worker)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
 
@@ -300,7 +343,7 @@ async def run(config: ServerConfig) -> None:
         loop.add_signal_handler(sig, on_signal, sig)
     failed = False
     try:
-        loader = asyncio.create_task(app.load())
+        loader = asyncio.create_task(app.load() if worker is None else _load_worker(app, worker))
         stopped = asyncio.create_task(stop.wait())
         await asyncio.wait({loader, stopped}, return_when=asyncio.FIRST_COMPLETED)
         if loader.done():
@@ -311,3 +354,15 @@ async def run(config: ServerConfig) -> None:
             loader.cancel()
     finally:
         await (app.close() if failed else app.stop())
+
+
+async def _load_worker(app: App, worker: Worker) -> None:
+    """A worker: load, start listening, tell the supervisor, and turn SERVING only once every
+    worker is ready (health says NOT_SERVING until the whole server can take its load)."""
+    await app.load_models()
+    await app.server.start()
+    worker.ready.put((worker.index, "ready"))
+    loop = asyncio.get_running_loop()
+    while not await loop.run_in_executor(None, worker.all_ready.wait, 0.5):
+        pass
+    await app.serving()

@@ -62,6 +62,15 @@ def _add_serve(sub: Subcommands) -> None:
     p.add_argument("--intra-op-threads", type=int, default=0, help="threads per session (0: cores / instances)")
     p.add_argument("--allow-spinning", action="store_true", help="let onnxruntime threads spin between batches")
     p.add_argument("--preprocess-threads", type=int, default=None, help="decode/resize threads (default: cores)")
+    p.add_argument(
+        "--workers",
+        type=_workers,
+        default=None,
+        metavar="N|auto",
+        help="server processes sharing the port, each with its share of the cores (auto: one per 4 cores; "
+        "default 1). Connections, not calls, are spread over them",
+    )
+    p.add_argument("--pin-cpus", action="store_true", default=None, help="pin each worker to its share of the cores")
     p.add_argument("--max-images-per-request", type=int, default=None, help="default 256")
     p.add_argument("--max-pixels", type=int, default=None, help="largest image accepted, in pixels (default 50 M)")
     p.add_argument("--max-message-mb", type=float, default=None, help="largest gRPC message (default 64 MiB)")
@@ -118,18 +127,22 @@ def _add_serve(sub: Subcommands) -> None:
 def _serve(args: argparse.Namespace) -> int:
     if hint := missing("server", *SERVER_MODULES):
         return fail(hint)
-    from mobiserve.server import app
-    from mobiserve.server.errors import ModelLoadError
+    from mobiserve.server import logs, workers
 
-    logging.basicConfig(
-        level=args.log_level,
-        stream=sys.stderr,
-        format="%(asctime)s level=%(levelname)s logger=%(name)s %(message)s",
-    )
+    logs.configure(args.log_level)
     try:
         config = _server_config(args)
     except (ValueError, OSError) as exc:
         return fail(str(exc))
+    count = config.workers or workers.auto_workers()
+    if count > 1:  # the supervisor: it imports no server code itself, and prometheus-client only after its setup
+        try:
+            return asyncio.run(workers.Supervisor(config, count, args.log_level).run())
+        except OSError as exc:
+            return fail(f"cannot start the server: {exc}")
+    from mobiserve.server import app
+    from mobiserve.server.errors import ModelLoadError
+
     try:
         asyncio.run(app.run(config))
     except ModelLoadError as exc:  # one line: the reason (nothing was served, so no drain to report)
@@ -146,6 +159,8 @@ def _server_config(args: argparse.Namespace) -> ServerConfig:
         "host": args.host,
         "port": args.port,
         "preprocess_threads": args.preprocess_threads,
+        "workers": args.workers,
+        "pin_cpus": args.pin_cpus,
         "max_images_per_request": args.max_images_per_request,
         "max_pixels": args.max_pixels,
         "max_message_bytes": None if args.max_message_mb is None else int(args.max_message_mb * (1 << 20)),
@@ -190,6 +205,19 @@ def _server_config(args: argparse.Namespace) -> ServerConfig:
         path = _model_file(path)
         models.append(ModelConfig(name=args.name or name or Path(path).stem, path=path, **knobs))
     return ServerConfig(models=tuple(models), **{k: v for k, v in overrides.items() if v is not None})
+
+
+def _workers(text: str) -> int:
+    """`--workers N` or `auto` (0)."""
+    if text == "auto":
+        return 0
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or 'auto', got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1 (or 'auto'), got {value}")
+    return value
 
 
 def _split_model_spec(spec: str) -> tuple[str | None, str]:

@@ -20,12 +20,12 @@ from __future__ import annotations
 
 import dataclasses
 import tomllib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from mobiserve.common.labels import IMAGENET_SYNSETS
-from mobiserve.server.runtime.session import available_cores, default_instances, default_intra_op_threads
+from mobiserve.server.runtime.session import default_instances, default_intra_op_threads
 
 
 @dataclass(frozen=True)
@@ -61,7 +61,9 @@ class ServerConfig:
     max_message_bytes: int = 64 << 20
     max_images_per_request: int = 256
     max_pixels: int = 50_000_000
-    preprocess_threads: int = field(default_factory=available_cores)
+    preprocess_threads: int = 0  # 0: one per core this process may use
+    workers: int = 1  # server processes on the port (server/workers.py); 0: one per 4 cores
+    pin_cpus: bool = False  # pin each worker to its share of the cores
     default_timeout_s: float = 30.0  # when the client sets no deadline
     grace_s: float = 30.0  # SIGTERM: time to answer what is queued and in flight
     metrics_port: int = 0  # 0: no metrics endpoint
@@ -84,7 +86,8 @@ class ServerConfig:
         for name in ("keepalive_time_s", "keepalive_timeout_s"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
-        _at_least(self, 1, "max_message_bytes", "max_images_per_request", "max_pixels", "preprocess_threads")
+        _at_least(self, 1, "max_message_bytes", "max_images_per_request", "max_pixels")
+        _at_least(self, 0, "preprocess_threads", "workers")
         if self.default_timeout_s <= 0:
             raise ValueError(f"default_timeout_s must be positive, got {self.default_timeout_s}")
         if not self.models:

@@ -3,10 +3,16 @@
 Names follow Prometheus conventions: a `mobiserve_` prefix, `_total` counters, base units
 (`_seconds`) and a unit-like suffix (`_images`) for counts of images. docs/operations.md lists them.
 The HTTP endpoint that serves the registry is `metrics_http.MetricsServer`.
+
+Under `mobiserve serve --workers N` each worker process writes its samples to files that the
+supervisor sums (prometheus-client's multiprocess mode, on when $PROMETHEUS_MULTIPROC_DIR is
+set): the gauges say how to combine the workers' values, and a gauge's value is set, never
+computed at scrape time (a callback would run in the supervisor, which has no queue).
 """
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections import defaultdict
@@ -109,12 +115,14 @@ class Metrics:
             "Images admitted and not yet in a batch (the figure --max-queue-size bounds).",
             ["model"],
             registry=r,
+            multiprocess_mode="livesum",  # the server's queue: all its workers' together
         )
         self.model_ready = Gauge(
             "mobiserve_model_ready",
             "1 while the model is loaded, warm and taking requests.",
             ["model"],
             registry=r,
+            multiprocess_mode="liveall",  # one series per worker process (a `pid` label)
         )
         self._totals: dict[str, _Totals] = defaultdict(_Totals)  # model labels are a bounded set
         self._lock = threading.Lock()  # the statistics are read as one consistent snapshot
@@ -131,6 +139,11 @@ class Metrics:
             else:
                 totals.fail += 1
                 totals.fail_s += seconds
+
+    @property
+    def multiprocess(self) -> bool:
+        """A worker of `--workers N`: the supervisor serves the metrics."""
+        return bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
 
     def observe_undelivered(self, model: str, method: str) -> None:
         """A call gRPC ended before its message arrived (transport/arrivals.py)."""

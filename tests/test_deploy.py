@@ -54,7 +54,7 @@ KSERVE_VERSION = "0.21.0"
 HEALTH_SERVICE = "mobiserve.v1.Classifier"
 # Flags the manifests use that `mobiserve serve` is getting (`--workers N|auto`: multi-process
 # workers). Checked against the real parser as soon as they are in it.
-ANNOUNCED_FLAGS = {"--workers"}
+ANNOUNCED_FLAGS: set[str] = set()  # flags a manifest may use before the server has them
 ZOO_INT8 = zoo.ZOO["int8"]
 
 
