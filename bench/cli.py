@@ -78,6 +78,13 @@ def register(sub: Subcommands) -> None:
         default=0,
         help="load-generating processes (0: min(concurrency, max(2, cores / 4)))",
     )
+    load.add_argument(
+        "--connections",
+        type=int,
+        default=1,
+        help="connections per load process, unary calls over them in turn; a server with --workers N "
+        "spreads connections over its workers, so give it at least N in all (default: %(default)s)",
+    )
     load.add_argument("--timeout", type=float, default=30.0, help="seconds per request (default: %(default)s)")
     extra = p.add_argument_group("comparisons (local servers only)")
     extra.add_argument(
@@ -188,7 +195,7 @@ def _sweep(
     steps = []
     for load in loads:
         label = f"{server} " + (f"c={load.concurrency}" if load.closed else f"{load.rate:g} req/s")
-        step = run_step(workload, load, server, cores, Probe(pid, gil) if pid else None, label)
+        step = run_step(workload, load, server, cores, Probe(pid, gil, children=True) if pid else None, label)
         errors = sum(step.errors.values())
         tqdm.write(
             f"{label}: {step.img_s:.1f} img/s, p50 {step.p50_ms:.1f} ms, p99 {step.p99_ms:.1f} ms, "
@@ -231,6 +238,8 @@ def _loads(args: argparse.Namespace) -> list[Load]:
         raise BenchError("--duration and --timeout must be positive and --warmup not negative")
     if not 1 <= args.batch <= 256:
         raise BenchError(f"--batch must be between 1 and 256, got {args.batch}")
+    if args.connections < 1:
+        raise BenchError(f"--connections must be at least 1, got {args.connections}")
     if args.client_processes < 0:
         raise BenchError(f"--client-processes must be 0 (automatic) or more, got {args.client_processes}")
     auto = max(2, available_cores() // 4)
@@ -278,6 +287,7 @@ def _workload(args: argparse.Namespace, target: str, images: list[Path], model: 
         batch=args.batch,
         model=args.model if model is None else model,
         timeout_s=args.timeout,
+        connections=args.connections,
     )
 
 

@@ -64,10 +64,11 @@ def role_of(name: str, tid: int, pid: int) -> str:
 
 @dataclass(frozen=True)
 class Snapshot:
-    """One reading of a process: its total CPU seconds and each live thread's (name, seconds)."""
+    """One reading of a process and its child processes (a `--workers` supervisor's workers):
+    their total CPU seconds, and each live thread's (name, seconds, its process's pid)."""
 
     total_s: float
-    threads: dict[int, tuple[str, float]]
+    threads: dict[int, tuple[str, float, int]]
 
 
 def _stat_cpu_s(path: str) -> float:
@@ -76,31 +77,51 @@ def _stat_cpu_s(path: str) -> float:
     return (int(fields[11]) + int(fields[12])) / _TICK
 
 
-def snapshot(pid: int) -> Snapshot | None:
-    """Read the process and all its threads now; None where /proc does not have it."""
+def _children(pid: int) -> list[int]:
     try:
-        total = _stat_cpu_s(f"/proc/{pid}/stat")
         tids = os.listdir(f"/proc/{pid}/task")
     except OSError:
-        return None
-    threads = {}
-    for entry in tids:
-        base = f"/proc/{pid}/task/{entry}"
+        return []
+    found = []
+    for tid in tids:
         try:
-            with open(f"{base}/comm") as f:
-                name = f.read().strip()
-            threads[int(entry)] = (name, _stat_cpu_s(f"{base}/stat"))
-        except OSError:  # ended between the listing and the read
+            found += [int(c) for c in Path(f"/proc/{pid}/task/{tid}/children").read_text().split()]
+        except OSError:
             continue
+    return found
+
+
+def snapshot(pid: int, children: bool = False) -> Snapshot | None:
+    """Read the process (and with `children` its child processes: a supervisor's workers) and
+    all their threads now; None where /proc does not have the process."""
+    total, threads = 0.0, {}
+    for process in [pid, *(_children(pid) if children else [])]:
+        try:
+            total += _stat_cpu_s(f"/proc/{process}/stat")
+            tids = os.listdir(f"/proc/{process}/task")
+        except OSError:
+            if process == pid:
+                return None
+            continue  # a child that ended meanwhile
+        for entry in tids:
+            base = f"/proc/{process}/task/{entry}"
+            try:
+                with open(f"{base}/comm") as f:
+                    name = f.read().strip()
+                threads[int(entry)] = (name, _stat_cpu_s(f"{base}/stat"), process)
+            except OSError:  # ended between the listing and the read
+                continue
     return Snapshot(total, threads)
 
 
 def cpu_by_role(start: Snapshot, end: Snapshot, pid: int) -> dict[str, float]:
     """CPU seconds per role between two readings; threads born in between count from zero, and
-    what the live threads do not account for (threads that ended) goes to `other`."""
+    what the live threads do not account for (threads that ended) goes to `other`. Each
+    process's main thread is its event loop (a supervisor's too)."""
     roles = dict.fromkeys(ROLES, 0.0)
-    for tid, (name, cpu) in end.threads.items():
-        roles[role_of(name, tid, pid)] += cpu - start.threads.get(tid, (name, 0.0))[1]
+    for tid, (name, cpu, process) in end.threads.items():
+        before = start.threads.get(tid)
+        roles[role_of(name, tid, process)] += cpu - (before[1] if before else 0.0)
     roles["other"] += max(0.0, (end.total_s - start.total_s) - sum(roles.values()))
     return roles
 
@@ -204,7 +225,7 @@ class GilSampler:
 
 def _thread_names(pid: int) -> dict[int, str]:
     shot = snapshot(pid)
-    return {} if shot is None else {tid: name for tid, (name, _) in shot.threads.items()}
+    return {} if shot is None else {tid: name for tid, (name, _, _) in shot.threads.items()}
 
 
 # ------------------------------------------------------------------------------- window probe
@@ -223,8 +244,9 @@ class Probe:
     """Reads a process at a window's start and end (`start()`, `stop()`), with py-spy's GIL
     sampling in between when asked. Used for the servers the harness starts and for itself."""
 
-    def __init__(self, pid: int, gil: bool = False):
+    def __init__(self, pid: int, gil: bool = False, children: bool = False):
         self.pid = pid
+        self.children = children  # a server with --workers: the supervisor and its workers
         self._gil = GilSampler(pid) if gil else None
         self._start: Snapshot | None = None
         self._t0 = 0.0
@@ -232,10 +254,10 @@ class Probe:
     def start(self) -> None:
         if self._gil is not None:
             self._gil.start()
-        self._start, self._t0 = snapshot(self.pid), time.monotonic()
+        self._start, self._t0 = snapshot(self.pid, self.children), time.monotonic()
 
     def stop(self) -> Cost | None:
-        end, window = snapshot(self.pid), time.monotonic() - self._t0
+        end, window = snapshot(self.pid, self.children), time.monotonic() - self._t0
         gil = self._gil.stop(window) if self._gil is not None else None
         if self._start is None or end is None:
             return None

@@ -14,6 +14,8 @@ that falls behind shows up as latency (and as `lag_max_ms`), not as a flattering
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import itertools
 import multiprocessing as mp
 import queue
 import random
@@ -56,6 +58,7 @@ class Workload:
     batch: int = 1  # images per request
     model: str = ""  # empty: the server's default
     timeout_s: float = 30.0
+    connections: int = 1  # per load process, unary calls over them in turn (a --workers server spreads connections)
 
 
 @dataclass(frozen=True)
@@ -376,20 +379,26 @@ def _describe(exc: BaseException) -> str:
 
 async def _work(workload: Workload, load: Load, share: _Share, sync: _Sync) -> _Records:
     requests = build_requests(workload)
-    async with grpc.aio.insecure_channel(workload.target, options=CHANNEL_OPTIONS) as channel:
-        try:
-            await asyncio.wait_for(channel.channel_ready(), 30)
-        except TimeoutError:
-            raise BenchError(f"cannot connect to {workload.target} within 30 s") from None
-        stub = pb_grpc.ClassifierStub(channel)
-        await stub.Classify(requests[0], timeout=max(workload.timeout_s, 60))  # connection and server warm
+    # channels share one connection unless each keeps its own subchannel pool
+    options = [*CHANNEL_OPTIONS, *([("grpc.use_local_subchannel_pool", 1)] if workload.connections > 1 else [])]
+    async with contextlib.AsyncExitStack() as channels:
+        stubs = []
+        for _ in range(workload.connections):
+            channel = await channels.enter_async_context(grpc.aio.insecure_channel(workload.target, options=options))
+            try:
+                await asyncio.wait_for(channel.channel_ready(), 30)
+            except TimeoutError:
+                raise BenchError(f"cannot connect to {workload.target} within 30 s") from None
+            stubs.append(pb_grpc.ClassifierStub(channel))
+            await stubs[-1].Classify(requests[0], timeout=max(workload.timeout_s, 60))  # connection and server warm
+        stub = stubs[0]
         sync.results.put(("ready", share.index, None))
         await asyncio.get_running_loop().run_in_executor(None, sync.go.wait)
         t_warm = sync.start.value
         t_start = t_warm + load.warmup_s
         t_end = t_start + load.duration_s if load.duration_s else None
         stream = _Stream(stub, workload.timeout_s) if workload.mode == "stream" else None
-        call: _Call = stream if stream is not None else _unary(stub, workload.timeout_s)
+        call: _Call = stream if stream is not None else _unary(stubs, workload.timeout_s)
         recorder = _Recorder(sync if load.requests else None)
         cpu_start = asyncio.create_task(_cpu_at(t_start))
         cpu_end = asyncio.create_task(_cpu_at(t_end)) if t_end is not None else None
@@ -527,10 +536,12 @@ async def _open_loop(
     await asyncio.gather(*tasks)
 
 
-def _unary(stub: pb_grpc.ClassifierStub, timeout: float) -> _Call:
+def _unary(stubs: list[pb_grpc.ClassifierStub], timeout: float) -> _Call:
+    turn = itertools.cycle(stubs)
+
     async def call(request: pb.ClassifyRequest) -> _Outcome:
         try:
-            response = await stub.Classify(request, timeout=timeout)
+            response = await next(turn).Classify(request, timeout=timeout)
         except grpc.aio.AioRpcError as exc:
             return exc.code().value[0], None
         return 0, response.timing

@@ -172,12 +172,3 @@ def unbatched_server(model: str, log: Path | None = None) -> Iterator[ServerProc
         yield server
     finally:
         server.stop()
-
-
-def cpu_seconds(pid: int) -> float | None:
-    """User + system CPU seconds of a process (all its threads) from /proc; None where unavailable."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
-    except OSError:
-        return None
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")

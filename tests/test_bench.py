@@ -244,7 +244,7 @@ async def test_a_servers_threads_are_named_by_role(server: App, stub: pb_grpc.Cl
     await asyncio.gather(*(stub.Classify(request_of(jpeg), timeout=60) for _ in range(8)))
     shot = snapshot(os.getpid())
     assert shot is not None
-    found = {role_of(name, tid, os.getpid()) for tid, (name, _) in shot.threads.items()}
+    found = {role_of(name, tid, os.getpid()) for tid, (name, _, _) in shot.threads.items()}
     assert {"loop", "preprocess", "inference", "onnxruntime", "grpc"} <= found
 
 
