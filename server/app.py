@@ -68,7 +68,7 @@ class Worker:
 
     index: int
     all_ready: Any  # a multiprocessing Event the supervisor sets once every worker is ready
-    ready: Any  # a multiprocessing Queue: (index, "ready") once this one serves
+    ready: Any  # a multiprocessing Queue: (index, "ready") once it listens, (index, "serving") once SERVING
 
 
 @dataclass
@@ -366,3 +366,4 @@ async def _load_worker(app: App, worker: Worker) -> None:
     while not await loop.run_in_executor(None, worker.all_ready.wait, 0.5):
         pass
     await app.serving()
+    worker.ready.put((worker.index, "serving"))

@@ -106,11 +106,13 @@ class Supervisor:
             self._slots = [_Worker(i, cpus) for i, cpus in enumerate(_cpu_shares(self.workers, self.config.pin_cpus))]
             for slot in self._slots:
                 self._start(slot, config, all_ready, ready)
-            waiting = set(range(self.workers))
+            waiting = {"ready": set(range(self.workers)), "serving": set(range(self.workers))}
             while not stop.is_set():
                 await self._tick(config, all_ready, ready, waiting, restarts, multiprocess)
-                if waiting == set() and not all_ready.is_set():
-                    all_ready.set()
+                if not waiting["ready"] and not all_ready.is_set():
+                    all_ready.set()  # each worker turns SERVING now
+                if not waiting["serving"]:
+                    waiting["serving"] = {-1}  # said once
                     log.info("event=serving port=%d workers=%d", port, self.workers)
                 if self._failure:
                     break
@@ -146,12 +148,18 @@ class Supervisor:
         log.info("event=worker_started worker=%d pid=%d cpus=%s", slot.index, slot.process.pid, _cpus(slot.cpus))
 
     async def _tick(
-        self, config: ServerConfig, all_ready: Event, ready: Any, waiting: set[int], restarts: Any, multiprocess: Any
+        self,
+        config: ServerConfig,
+        all_ready: Event,
+        ready: Any,
+        waiting: dict[str, set[int]],
+        restarts: Any,
+        multiprocess: Any,
     ) -> None:
         while not ready.empty():
             index, message = ready.get_nowait()
-            if message == "ready":
-                waiting.discard(index)
+            if message in waiting:  # "ready" (loaded, listening), then "serving" (health SERVING)
+                waiting[message].discard(index)
             else:  # its models cannot load: the same config will not load them on a restart either
                 self._failure = message
         now = time.monotonic()
