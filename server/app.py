@@ -31,7 +31,7 @@ from mobiserve.inference import grpc_service_pb2 as oip_pb
 from mobiserve.inference import grpc_service_pb2_grpc as oip_pb_grpc
 from mobiserve.server import threads
 from mobiserve.server.config import ModelConfig, ServerConfig
-from mobiserve.server.memory import return_large_blocks_to_the_system
+from mobiserve.server.memory import return_large_blocks_to_the_system, trim_when_idle
 from mobiserve.server.metrics import Metrics
 from mobiserve.server.metrics_http import MetricsServer
 from mobiserve.server.processing.preprocess import ImageLimits
@@ -86,6 +86,7 @@ class App:
     worker: Worker | None = None
     served: list[ServedModel] = field(default_factory=list)
     _sampler: asyncio.Task[None] | None = None
+    _trimmer: asyncio.Task[None] | None = None
 
     async def load(self) -> ModelRegistry:
         """Load and warm every model, then turn SERVING. Raises ModelLoadError on a bad model."""
@@ -128,6 +129,8 @@ class App:
                 self.metrics.queue_depth.labels(ready.name).set_function(ready.queued)
         if self.metrics.multiprocess:  # the supervisor cannot call back into this process
             self._sampler = asyncio.create_task(self._sample_queues(), name="queue-depth")
+        busy = lambda: any(model.queued() for model in served)
+        self._trimmer = asyncio.create_task(trim_when_idle(busy, lambda: self.calls.answered), name="trim")
         self.calls.registry = registry
         return registry
 
@@ -187,8 +190,9 @@ class App:
         await self._release(quiet=True)
 
     async def _release(self, quiet: bool = False) -> None:
-        if self._sampler is not None:
-            self._sampler.cancel()
+        for task in (self._sampler, self._trimmer):
+            if task is not None:
+                task.cancel()
         for model in self.served:
             await model.close()
             if not quiet:

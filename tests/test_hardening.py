@@ -532,3 +532,48 @@ async def test_every_call_with_an_expired_deadline_is_counted_once_and_none_is_c
     assert after.get("DEADLINE_EXCEEDED", 0) == codes["DEADLINE_EXCEEDED"]
     assert set(after) <= {"OK", "DEADLINE_EXCEEDED"}, after
     assert now_inferred - inferred == codes["OK"]  # no expired call's image was computed
+
+
+NEVER_READS = """
+import asyncio, sys
+import grpc
+from mobiserve.v1 import classifier_pb2 as pb, classifier_pb2_grpc as pb_grpc
+
+async def main(target, path):
+    image = pb.Image(encoded=open(path, "rb").read())
+    stub = pb_grpc.ClassifierStub(grpc.aio.insecure_channel(target))
+    calls = [stub.ClassifyStream() for _ in range(100)]
+    for call in calls:
+        for i in range(20):
+            await call.write(pb.ClassifyRequest(images=[image], request_id=str(i)))
+    print("written", flush=True)
+    await asyncio.sleep(600)  # never reads; killed by the test
+
+asyncio.run(main(sys.argv[1], sys.argv[2]))
+"""
+
+
+@pytest.mark.slow
+def test_streams_that_never_read_then_vanish_leave_no_memory_behind(
+    int8_model: Path, sample_images: list[Path]
+) -> None:
+    """Three rounds of 100 streams that send 20 images each, never read, and whose client is
+    killed: the server's RSS settles instead of climbing round after round."""
+    server = serve("--model", f"int8={int8_model}", "--synsets", str(SYNSETS))
+    try:
+        start, after = server.rss_bytes() / MiB, []
+        for _ in range(3):
+            client = subprocess.Popen(
+                [sys.executable, "-c", NEVER_READS, server.target, str(sample_images[0])],
+                stdout=subprocess.PIPE, text=True,
+            )  # fmt: skip
+            assert client.stdout is not None and client.stdout.readline().strip() == "written"
+            time.sleep(2)
+            client.kill()
+            client.wait(30)
+            time.sleep(5)  # the server notices, and gives back what it freed once idle
+            after.append(server.rss_bytes() / MiB)
+    finally:
+        server.stop()
+    print(f"\nRSS {start:.0f} MiB, after each round: {', '.join(f'{a:.0f}' for a in after)} MiB")
+    assert after[-1] - start < 150 and after[-1] - after[0] < 40, (start, after)

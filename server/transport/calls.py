@@ -68,6 +68,7 @@ class Calls:
         self._errors = ErrorLog(log)
         self.gate = CallGate()
         self._readers: set[asyncio.Task[None]] = set()
+        self.answered = 0  # requests answered, whatever their status: a sign of work done
 
     @property
     def ready(self) -> bool:
@@ -175,6 +176,7 @@ class Calls:
             forget_frames(exc)
         finally:
             self.metrics.observe_request(label, method, code.name, time.perf_counter() - started)
+            self.answered += 1
         return Failed(code, message)
 
     async def _until_port_closed(self, context: grpc.aio.ServicerContext) -> None:
