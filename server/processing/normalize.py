@@ -19,11 +19,12 @@ _LUT = np.stack([(np.arange(256, dtype=np.float32) / np.float32(255) - MEAN[c]) 
 )
 
 
-def assemble(items: Sequence[np.ndarray]) -> np.ndarray:
-    """uint8 [224, 224, 3] crops and float32 [3, 224, 224] inputs -> float32 [N, 3, 224, 224]."""
+def assemble(items: Sequence[np.ndarray], out: np.ndarray | None = None) -> np.ndarray:
+    """uint8 [224, 224, 3] crops and float32 [3, 224, 224] inputs -> float32 [N, 3, 224, 224],
+    into `out` when given (of that shape)."""
     first = items[0]
     size = first.shape[0] if first.dtype == np.uint8 else first.shape[1]
-    batch = np.empty((len(items), 3, size, size), dtype=np.float32)
+    batch = np.empty((len(items), 3, size, size), dtype=np.float32) if out is None else out
     for i, item in enumerate(items):
         if item.dtype == np.uint8:
             for c in range(3):
