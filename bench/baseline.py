@@ -122,7 +122,7 @@ def measure(config: ModelConfig, data: Sequence[bytes], seconds: float, threads:
     )
 
 
-def _cost(cost: Cost | None, images: int, seconds: float) -> PipelineCost | None:
+def _cost(cost: Cost | None, images: int) -> PipelineCost | None:
     if cost is None or not images:
         return None
     gil = cost.gil
@@ -130,7 +130,7 @@ def _cost(cost: Cost | None, images: int, seconds: float) -> PipelineCost | None
         cpu_ms_img=round(1000 * cost.cpu_s / images, 3),
         cpu_roles_ms_img=per_image_ms(cost.by_role_s, images),
         gil_pct=None if gil is None else round(100 * gil.held, 1),
-        gil_ms_img=None if gil is None else round(1000 * gil.held * seconds / images, 3),
+        gil_ms_img=None if gil is None else round(1000 * gil.held_s / images, 3),
         gil_roles_ms_img={} if gil is None else per_image_ms(gil.by_role_s, images),
     )
 
@@ -211,7 +211,7 @@ def _pipeline(
             counts[k] += batch
 
     elapsed, cost = _in_threads(loop, loops, Probe(os.getpid(), gil))
-    return sum(counts) / elapsed, _cost(cost, sum(counts), elapsed)
+    return sum(counts) / elapsed, _cost(cost, sum(counts))
 
 
 def _ort(config: ModelConfig, seconds: float) -> dict[int, tuple[float, float]]:

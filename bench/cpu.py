@@ -146,6 +146,11 @@ class Gil:
     samples: int
     by_role_s: dict[str, float]  # seconds held per role, scaled to the whole window
 
+    @property
+    def held_s(self) -> float:
+        """Seconds held over the whole window: the roles' sum, so that they add up to it."""
+        return sum(self.by_role_s.values())
+
 
 def py_spy() -> str | None:
     """The py-spy executable: beside this Python first (a venv's), else on PATH."""

@@ -336,14 +336,14 @@ def _summarise(
         client_cpu_s=round(client_cpu_s, 3),
         client_cpu_pct=pct_of_cores(client_cpu_s, window) or 0.0,
         server_cpu_pct=pct_of_cores(cost.cpu_s if cost else None, server_window_s),
-        **_cost_fields(cost, n_ok * workload.batch, server_window_s),
+        **_cost_fields(cost, n_ok * workload.batch),
         lag_max_ms=round(float(cat["lag"][selected].max()) * 1000, 3) if selected.any() else 0.0,
         errors=dict(sorted(errors.items())),
     )
 
 
-def _cost_fields(cost: Cost | None, images: int, window_s: float) -> dict[str, Any]:
-    """The server's cost per image over a window of `window_s` seconds that answered `images`."""
+def _cost_fields(cost: Cost | None, images: int) -> dict[str, Any]:
+    """The server's cost per image over a window that answered `images`."""
     if cost is None or not images:
         return {}
     out: dict[str, Any] = {
@@ -352,7 +352,7 @@ def _cost_fields(cost: Cost | None, images: int, window_s: float) -> dict[str, A
     }
     if cost.gil is not None:
         out["gil_pct"] = round(100 * cost.gil.held, 1)
-        out["gil_ms_img"] = round(1000 * cost.gil.held * window_s / images, 3)
+        out["gil_ms_img"] = round(1000 * cost.gil.held_s / images, 3)
         out["gil_roles_ms_img"] = per_image_ms(cost.gil.by_role_s, images)
     return out
 
