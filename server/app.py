@@ -28,7 +28,6 @@ from grpc_reflection.v1alpha import reflection, reflection_pb2
 
 from mobiserve.common.labels import Labels
 from mobiserve.inference import grpc_service_pb2 as oip_pb
-from mobiserve.inference import grpc_service_pb2_grpc as oip_pb_grpc
 from mobiserve.server import threads
 from mobiserve.server.config import ModelConfig, ServerConfig
 from mobiserve.server.memory import return_large_blocks_to_the_system, trim_when_idle
@@ -45,6 +44,7 @@ from mobiserve.server.transport.drain import HANDOFF_MAX_S
 from mobiserve.server.transport.health import HealthServicer
 from mobiserve.server.transport.oip.servicer import SERVICE_NAME as OIP_SERVICE_NAME
 from mobiserve.server.transport.oip.servicer import InferenceServicer
+from mobiserve.server.transport.oip.servicer import register as register_inference
 from mobiserve.server.transport.servicer import ClassifierServicer, register
 from mobiserve.v1 import classifier_pb2 as pb
 
@@ -223,7 +223,7 @@ async def create_app(config: ServerConfig, worker: Worker | None = None) -> App:
     servicer = ClassifierServicer(calls, config.expose_model_paths)
     register(servicer, server)
     inference = InferenceServicer(calls)
-    oip_pb_grpc.add_GRPCInferenceServiceServicer_to_server(inference, server)
+    register_inference(inference, server)
     health_servicer = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     health_name = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name

@@ -115,8 +115,9 @@ def status_of(exc: InferenceServerException) -> str:
     return str(exc.status())
 
 
-def metric(port: int, name: str, **labels: str) -> float:
-    """One sample of the server's /metrics, summed over the label sets that match."""
+def metric(port: int, name: str, default: float | None = None, **labels: str) -> float:
+    """One sample of the server's /metrics, summed over the label sets that match (`default`
+    when there is none yet, if given)."""
     text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
     total, found = 0.0, False
     for line in text.splitlines():
@@ -126,6 +127,8 @@ def metric(port: int, name: str, **labels: str) -> float:
         got = dict(re.findall(r'(\w+)="([^"]*)"', m.group(1) or ""))
         if all(got.get(k) == v for k, v in labels.items()):
             total, found = total + float(m.group(2)), True
+    if not found and default is not None:
+        return default
     assert found, f"no sample {name}{labels} in /metrics"
     return total
 
@@ -292,6 +295,70 @@ def test_bad_input_is_invalid_argument(
     assert status_of(e.value) == "StatusCode.INVALID_ARGUMENT"
     assert words in e.value.message() and len(e.value.message()) < 300
     assert client.is_server_ready()
+
+
+BAD_UTF8 = b"\xff\xfe-not-utf8"
+
+
+def with_raw_field(request: tpb.ModelInferRequest, number: int, value: bytes) -> bytes:
+    """The request's wire bytes plus a length-delimited field: invalid UTF-8 in a string field,
+    which protobuf's Python API refuses to write."""
+    return request.SerializeToString() + bytes([number << 3 | 2, len(value)]) + value
+
+
+def jpeg_request(jpeg: bytes, request_id: str = "") -> tpb.ModelInferRequest:
+    request = tpb.ModelInferRequest(model_name=MODEL, id=request_id)
+    request.inputs.add(name="encoded_image", datatype="BYTES", shape=[1, 1]).contents.bytes_contents.append(jpeg)
+    return request
+
+
+def test_undecodable_requests_are_invalid_argument_and_counted(
+    oip_server: ServerProcess, metrics_port: int, jpeg: bytes
+) -> None:
+    """Invalid UTF-8 in the model name or id, or a corrupt message: INVALID_ARGUMENT naming the
+    message, counted; any other method's request too; the next good request is answered."""
+    before = metric(metrics_port, "mobiserve_requests_total", 0.0, method="ModelInfer", code="INVALID_ARGUMENT")
+    with grpc.insecure_channel(oip_server.target) as ch:
+        infer = ch.unary_unary("/inference.GRPCInferenceService/ModelInfer")  # raw bytes both ways
+        metadata = ch.unary_unary("/inference.GRPCInferenceService/ModelMetadata")
+        corrupt = bytes([3 << 3 | 2, 100]) + b"short"  # a field longer than the message
+        for call, data in [
+            (infer, with_raw_field(jpeg_request(jpeg), 1, BAD_UTF8)),
+            (infer, with_raw_field(jpeg_request(jpeg), 3, BAD_UTF8)),
+            (infer, corrupt),
+            (metadata, with_raw_field(tpb.ModelMetadataRequest(), 1, BAD_UTF8)),
+        ]:
+            with pytest.raises(grpc.RpcError) as e:
+                call(data, timeout=30)
+            assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT, e.value
+            assert "not a valid Model" in (e.value.details() or ""), e.value.details()
+        good = tpb.ModelInferResponse.FromString(infer(jpeg_request(jpeg, "good").SerializeToString(), timeout=30))
+        assert good.id == "good" and list(good.outputs[0].shape) == [1, 1000]
+    after = metric(metrics_port, "mobiserve_requests_total", method="ModelInfer", code="INVALID_ARGUMENT")
+    assert after - before == 3
+
+
+def test_an_undecodable_message_in_a_stream_gets_an_error_answer_and_the_stream_goes_on(
+    oip_server: ServerProcess, jpeg: bytes
+) -> None:
+    sent = [
+        jpeg_request(jpeg, "good-1").SerializeToString(),
+        with_raw_field(jpeg_request(jpeg, "bad-model"), 1, BAD_UTF8),
+        with_raw_field(jpeg_request(jpeg), 3, BAD_UTF8),
+        jpeg_request(jpeg, "good-2").SerializeToString(),
+    ]
+    with grpc.insecure_channel(oip_server.target) as ch:
+        stream = ch.stream_stream(
+            "/inference.GRPCInferenceService/ModelStreamInfer",
+            response_deserializer=tpb.ModelStreamInferResponse.FromString,
+        )
+        answers = {a.infer_response.id: a for a in stream(iter(sent), timeout=60)}
+    assert set(answers) == {"good-1", "bad-model", "\ufffd\ufffd-not-utf8", "good-2"}
+    for request_id, answer in answers.items():
+        if request_id.startswith("good"):
+            assert not answer.error_message and list(answer.infer_response.outputs[0].shape) == [1, 1000]
+        else:
+            assert "not a valid ModelInferRequest" in answer.error_message, answer
 
 
 def test_unknown_output_and_bad_class_count(client: triton.InferenceServerClient, jpeg: bytes) -> None:

@@ -19,8 +19,6 @@ from google.protobuf.unknown_fields import UnknownFieldSet
 
 M = TypeVar("M", bound=Message)
 
-# ClassifyRequest's string fields at the top level, read back as bytes from a message that failed
-_MODEL_FIELD, _REQUEST_ID_FIELD = 1, 4
 _LENGTH_DELIMITED = 2
 
 
@@ -36,29 +34,32 @@ class Undecodable:
     request_id: str = ""
 
 
-def lenient(message_type: type[M], name: str) -> Callable[[bytes], M | Undecodable]:
-    """A request deserializer for gRPC that returns Undecodable instead of raising."""
+def lenient(message_type: type[M], model_field: int = 1, id_field: int = 4) -> Callable[[bytes], M | Undecodable]:
+    """A request deserializer for gRPC that returns Undecodable instead of raising.
+    `model_field`, `id_field`: the numbers of the message's top-level model name and request id
+    (ClassifyRequest's by default), recovered from a message that failed."""
+    name = message_type.DESCRIPTOR.name
 
     def parse(data: bytes) -> M | Undecodable:
         try:
             return message_type.FromString(data)
         except DecodeError as exc:
-            return _undecodable(data, str(exc), name)
+            return _undecodable(data, str(exc), name, model_field, id_field)
 
     return parse
 
 
-def _undecodable(data: bytes, error: str, name: str) -> Undecodable:
+def _undecodable(data: bytes, error: str, name: str, model_field: int, id_field: int) -> Undecodable:
     if "UTF-8" in error:
-        reason = f"the request is not a valid {name}: a string field (model, request_id, a tensor's dtype) is not UTF-8"
+        reason = f"the request is not a valid {name}: a string field (a model name, an id, a type) is not UTF-8"
     else:
         reason = f"the request is not a valid {name} message (corrupt protobuf wire format)"
     fields: dict[int, str] = {}
     try:
         raw = UnknownFieldSet(empty_pb2.Empty.FromString(data))
         for field in (raw[i] for i in range(len(raw))):
-            if field.field_number in (_MODEL_FIELD, _REQUEST_ID_FIELD) and field.wire_type == _LENGTH_DELIMITED:
+            if field.field_number in (model_field, id_field) and field.wire_type == _LENGTH_DELIMITED:
                 fields[field.field_number] = bytes(field.data).decode("utf-8", "replace")
     except DecodeError:
         pass  # not even the wire format holds: nothing to recover
-    return Undecodable(reason, fields.get(_MODEL_FIELD, ""), fields.get(_REQUEST_ID_FIELD, ""))
+    return Undecodable(reason, fields.get(model_field, ""), fields.get(id_field, ""))

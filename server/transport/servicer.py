@@ -32,17 +32,17 @@ def register(servicer: ClassifierServicer, server: grpc.aio.Server) -> None:
     handlers = {
         "Classify": grpc.unary_unary_rpc_method_handler(
             servicer.Classify,
-            request_deserializer=lenient(pb.ClassifyRequest, "ClassifyRequest"),
+            request_deserializer=lenient(pb.ClassifyRequest),
             response_serializer=pb.ClassifyResponse.SerializeToString,
         ),
         "ClassifyStream": grpc.stream_stream_rpc_method_handler(
             servicer.ClassifyStream,
-            request_deserializer=lenient(pb.ClassifyRequest, "ClassifyRequest"),
+            request_deserializer=lenient(pb.ClassifyRequest),
             response_serializer=pb.ClassifyResponse.SerializeToString,
         ),
         "ListModels": grpc.unary_unary_rpc_method_handler(
             servicer.ListModels,
-            request_deserializer=lenient(pb.ListModelsRequest, "ListModelsRequest"),
+            request_deserializer=lenient(pb.ListModelsRequest),
             response_serializer=pb.ListModelsResponse.SerializeToString,
         ),
     }

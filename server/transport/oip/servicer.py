@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import functools
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from importlib import metadata
+from typing import Any
 
 import grpc
 
@@ -19,13 +20,55 @@ from mobiserve.inference import grpc_service_pb2_grpc as pb_grpc
 from mobiserve.server.errors import InvalidInput, ModelNotFound
 from mobiserve.server.serving import ModelRegistry, Servable
 from mobiserve.server.transport.calls import Calls, Failed, within
+from mobiserve.server.transport.decode import Undecodable, lenient
 from mobiserve.server.transport.oip.models import model_config, model_metadata, model_statistics
 from mobiserve.server.transport.oip.tensors import images_of, integer_parameter, requested_outputs, response_of
 from mobiserve.server.transport.status import status_of
 
-SERVICE_NAME = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name  # "inference.GRPCInferenceService"
+SERVICE = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"]
+SERVICE_NAME = SERVICE.full_name  # "inference.GRPCInferenceService"
 EXTENSIONS = ("classification", "model_configuration", "statistics")
 TIMEOUT = "timeout"  # request parameter: microseconds; a deadline like the call's own
+
+
+InferRequest = pb.ModelInferRequest | Undecodable  # what gRPC hands the servicer (transport/decode.py)
+_INFER_METHODS = ("ModelInfer", "ModelStreamInfer")
+
+
+def register(servicer: InferenceServicer, server: grpc.aio.Server) -> None:
+    """Add the servicer as the generated `add_GRPCInferenceServiceServicer_to_server` does, but
+    with request deserializers that never raise (as for Classifier, see `transport/servicer.py`):
+    an inference request protobuf cannot parse gets INVALID_ARGUMENT (in a stream: an error
+    answer, and the stream goes on), counted like any bad request; so does any other request."""
+    handlers = {}
+    for method in SERVICE.methods:
+        request, response = getattr(pb, method.input_type.name), getattr(pb, method.output_type.name)
+        if method.name == "ModelStreamInfer":
+            handlers[method.name] = grpc.stream_stream_rpc_method_handler(
+                servicer.ModelStreamInfer,
+                request_deserializer=lenient(request, model_field=1, id_field=3),
+                response_serializer=response.SerializeToString,
+            )
+            continue
+        behaviour = getattr(servicer, method.name)
+        handlers[method.name] = grpc.unary_unary_rpc_method_handler(
+            behaviour if method.name in _INFER_METHODS else _refusing_undecodable(behaviour),
+            request_deserializer=lenient(request, model_field=1, id_field=3),
+            response_serializer=response.SerializeToString,
+        )
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
+    server.add_registered_method_handlers(SERVICE_NAME, handlers)
+
+
+def _refusing_undecodable(
+    behaviour: Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]],
+) -> Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]:
+    async def guarded(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        if isinstance(request, Undecodable):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.reason)
+        return await behaviour(request, context)
+
+    return guarded
 
 
 def _server_version() -> str:
@@ -88,24 +131,25 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         stats = self.calls.metrics.statistics
         return pb.ModelStatisticsResponse(model_stats=[model_statistics(m.description, stats(m.name)) for m in models])
 
-    async def ModelInfer(
-        self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext
-    ) -> pb.ModelInferResponse:
+    async def ModelInfer(self, request: InferRequest, context: grpc.aio.ServicerContext) -> pb.ModelInferResponse:
         return await self.calls.unary(context, functools.partial(self._infer, request, "ModelInfer", context))
 
     async def ModelStreamInfer(
-        self, request_iterator: AsyncIterator[pb.ModelInferRequest], context: grpc.aio.ServicerContext
+        self, request_iterator: AsyncIterator[InferRequest], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.ModelStreamInferResponse]:
         """Pipelined like ClassifyStream; a failed request is answered with error_message."""
 
-        async def handle(request: pb.ModelInferRequest, deadline: float) -> pb.ModelStreamInferResponse | Failed:
+        async def handle(request: InferRequest, deadline: float) -> pb.ModelStreamInferResponse | Failed:
             response = await self._infer(request, "ModelStreamInfer", context, deadline, False, True)
             return response if isinstance(response, Failed) else pb.ModelStreamInferResponse(infer_response=response)
 
-        def failed(request: pb.ModelInferRequest, why: Failed) -> pb.ModelStreamInferResponse:
-            echo = pb.ModelInferResponse(
-                model_name=request.model_name, model_version=request.model_version, id=request.id
-            )
+        def failed(request: InferRequest, why: Failed) -> pb.ModelStreamInferResponse:
+            if isinstance(request, Undecodable):
+                echo = pb.ModelInferResponse(model_name=request.model, id=request.request_id)
+            else:
+                echo = pb.ModelInferResponse(
+                    model_name=request.model_name, model_version=request.model_version, id=request.id
+                )
             return pb.ModelStreamInferResponse(error_message=why.message, infer_response=echo)
 
         async for response in self.calls.stream(request_iterator, context, handle, failed):
@@ -113,7 +157,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     async def _infer(
         self,
-        request: pb.ModelInferRequest,
+        request: InferRequest,
         method: str,
         context: grpc.aio.ServicerContext,
         deadline: float,
@@ -121,6 +165,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         enforce: bool,
     ) -> pb.ModelInferResponse | Failed:
         async def work(model: Servable) -> pb.ModelInferResponse:
+            assert not isinstance(request, Undecodable)  # refused by answer(invalid=...)
             d = model.description
             _check_version(d.name, d.version, request.model_version)
             timeout_s = _timeout_s(request)
@@ -131,15 +176,20 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             self.calls.observe(result)
             return response_of(request, d, result.scores, outputs)
 
+        if isinstance(request, Undecodable):
+            model, request_id, invalid = request.model, request.request_id, request.reason
+        else:
+            model, request_id, invalid = request.model_name, request.id, ""
         return await self.calls.answer(
             method=method,
-            model=request.model_name,
-            request_id=request.id,
+            model=model,
+            request_id=request_id,
             context=context,
             deadline=deadline,
             refuse=refuse,
             enforce_deadline=enforce,
             work=work,
+            invalid=invalid,
         )
 
     async def _registry(self, context: grpc.aio.ServicerContext) -> ModelRegistry:
