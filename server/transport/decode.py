@@ -9,10 +9,11 @@ parse failure becomes an `Undecodable` value the servicer answers like any bad r
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, TypeVar
 
+import grpc
 from google.protobuf import empty_pb2
 from google.protobuf.message import DecodeError, Message
 from google.protobuf.unknown_fields import UnknownFieldSet
@@ -47,6 +48,21 @@ def lenient(message_type: type[M], model_field: int = 1, id_field: int = 4) -> C
             return _undecodable(data, str(exc), name, model_field, id_field)
 
     return parse
+
+
+Behaviour = Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]
+
+
+def refusing_undecodable(behaviour: Behaviour) -> Behaviour:
+    """A unary method that answers an Undecodable request with INVALID_ARGUMENT: for the methods
+    that do not go through `Calls.answer` (which refuses it itself, and counts it)."""
+
+    async def guarded(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        if isinstance(request, Undecodable):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.reason)
+        return await behaviour(request, context)
+
+    return guarded
 
 
 def _undecodable(data: bytes, error: str, name: str, model_field: int, id_field: int) -> Undecodable:

@@ -14,7 +14,7 @@ import grpc
 from mobiserve.server.serving import ModelRegistry, Servable, checked_top_k
 from mobiserve.server.transport.calls import SHUTTING_DOWN, Calls, Failed
 from mobiserve.server.transport.convert import images_of, model_info, response_of
-from mobiserve.server.transport.decode import Undecodable, lenient
+from mobiserve.server.transport.decode import Undecodable, lenient, refusing_undecodable
 from mobiserve.v1 import classifier_pb2 as pb
 from mobiserve.v1 import classifier_pb2_grpc as pb_grpc
 
@@ -41,7 +41,7 @@ def register(servicer: ClassifierServicer, server: grpc.aio.Server) -> None:
             response_serializer=pb.ClassifyResponse.SerializeToString,
         ),
         "ListModels": grpc.unary_unary_rpc_method_handler(
-            servicer.ListModels,
+            refusing_undecodable(servicer.ListModels),
             request_deserializer=lenient(pb.ListModelsRequest),
             response_serializer=pb.ListModelsResponse.SerializeToString,
         ),
@@ -80,10 +80,8 @@ class ClassifierServicer(pb_grpc.ClassifierServicer):
             yield response
 
     async def ListModels(
-        self, request: pb.ListModelsRequest | Undecodable, context: grpc.aio.ServicerContext
+        self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext
     ) -> pb.ListModelsResponse:
-        if isinstance(request, Undecodable):
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.reason)
         registry = self.calls.registry
         if registry is None:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "models are still loading")

@@ -9,9 +9,8 @@ from __future__ import annotations
 
 import functools
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from importlib import metadata
-from typing import Any
 
 import grpc
 
@@ -20,7 +19,7 @@ from mobiserve.inference import grpc_service_pb2_grpc as pb_grpc
 from mobiserve.server.errors import InvalidInput, ModelNotFound
 from mobiserve.server.serving import ModelRegistry, Servable
 from mobiserve.server.transport.calls import Calls, Failed, within
-from mobiserve.server.transport.decode import Undecodable, lenient
+from mobiserve.server.transport.decode import Undecodable, lenient, refusing_undecodable
 from mobiserve.server.transport.oip.models import model_config, model_metadata, model_statistics
 from mobiserve.server.transport.oip.tensors import images_of, integer_parameter, requested_outputs, response_of
 from mobiserve.server.transport.status import status_of
@@ -32,7 +31,6 @@ TIMEOUT = "timeout"  # request parameter: microseconds; a deadline like the call
 
 
 InferRequest = pb.ModelInferRequest | Undecodable  # what gRPC hands the servicer (transport/decode.py)
-_INFER_METHODS = ("ModelInfer", "ModelStreamInfer")
 
 
 def register(servicer: InferenceServicer, server: grpc.aio.Server) -> None:
@@ -43,32 +41,17 @@ def register(servicer: InferenceServicer, server: grpc.aio.Server) -> None:
     handlers = {}
     for method in SERVICE.methods:
         request, response = getattr(pb, method.input_type.name), getattr(pb, method.output_type.name)
-        if method.name == "ModelStreamInfer":
-            handlers[method.name] = grpc.stream_stream_rpc_method_handler(
-                servicer.ModelStreamInfer,
-                request_deserializer=lenient(request, model_field=1, id_field=3),
-                response_serializer=response.SerializeToString,
-            )
-            continue
         behaviour = getattr(servicer, method.name)
-        handlers[method.name] = grpc.unary_unary_rpc_method_handler(
-            behaviour if method.name in _INFER_METHODS else _refusing_undecodable(behaviour),
-            request_deserializer=lenient(request, model_field=1, id_field=3),
+        if request is not pb.ModelInferRequest:  # inference refuses it in Calls.answer, counted
+            behaviour = refusing_undecodable(behaviour)
+        kind = grpc.stream_stream_rpc_method_handler if method.client_streaming else grpc.unary_unary_rpc_method_handler
+        handlers[method.name] = kind(
+            behaviour,
+            request_deserializer=lenient(request, model_field=1, id_field=3),  # ModelInferRequest's model_name, id
             response_serializer=response.SerializeToString,
         )
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
     server.add_registered_method_handlers(SERVICE_NAME, handlers)
-
-
-def _refusing_undecodable(
-    behaviour: Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]],
-) -> Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]:
-    async def guarded(request: Any, context: grpc.aio.ServicerContext) -> Any:
-        if isinstance(request, Undecodable):
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.reason)
-        return await behaviour(request, context)
-
-    return guarded
 
 
 def _server_version() -> str:
