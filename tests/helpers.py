@@ -4,11 +4,14 @@ need its memory, signals or exit code). Fixtures live in conftest.py."""
 
 from __future__ import annotations
 
+import asyncio
 import io
 import os
 import subprocess
 import sys
+import time
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -129,3 +132,13 @@ def metric(host: str, port: int, name: str, **labels: str) -> float:
         for sample in family.samples
         if sample.name == name and labels.items() <= sample.labels.items()
     )
+
+
+async def poll_until(condition: Callable[[], bool], timeout_s: float, every_s: float = 0.02) -> None:
+    """Return once `condition()` holds; fail the test if it still does not after `timeout_s`
+    (a deadline far above what any machine needs: the test waits on the state, not on the clock)."""
+    end = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > end:
+            pytest.fail(f"still not true after {timeout_s} s: {getattr(condition, '__name__', condition)}")
+        await asyncio.sleep(every_s)

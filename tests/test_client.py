@@ -31,7 +31,7 @@ from mobiserve.client import (
 )
 from mobiserve.server.app import App
 
-from helpers import card_pipeline, encode
+from helpers import card_pipeline, encode, tcp_connections
 
 
 def target_of(server: App) -> str:
@@ -231,22 +231,17 @@ def test_a_request_over_the_message_limit_is_refused_before_sending(jpeg: bytes)
             client.classify(jpeg)
 
 
-def established_to(port: int) -> int:
-    """TCP connections to `port` this machine holds open (client side), from /proc/net/tcp."""
-    count = 0
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        with open(table) as f:
-            for line in list(f)[1:]:
-                remote, state = line.split()[2], line.split()[3]
-                count += state == "01" and int(remote.rsplit(":", 1)[1], 16) == port
-    return count
+def established_to(port: int) -> set[int]:
+    """This machine's open TCP connections to `port`, by local port: a set, so that connections
+    other tests left closing do not count."""
+    return {local for local, remote, state in tcp_connections(port) if remote == port and state == "ESTABLISHED"}
 
 
 async def test_connections_opens_that_many_connections_and_spreads_calls(server: App, jpeg: bytes) -> None:
     before = established_to(server.port)
     async with AsyncClient(target_of(server), connections=3) as client:
         answers = [await client.classify(jpeg) for _ in range(6)]  # in turn: each connection gets two
-        assert established_to(server.port) - before == 3
+        assert len(established_to(server.port) - before) == 3
     assert len({a.top.index for a in answers}) == 1
     with pytest.raises(ValueError, match="connections"):
         Client(target_of(server), connections=0)

@@ -51,6 +51,11 @@ class CallGate:
             if self.draining and not self._accepted:
                 self._accepted_done.set()
 
+    @property
+    def idle(self) -> bool:
+        """No call is being handled."""
+        return not self._accepted
+
     def drain(self) -> None:
         self.draining = True
         self._last_arrival = max(self._last_arrival, time.monotonic())  # the gap counts from now at least
