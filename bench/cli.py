@@ -209,7 +209,7 @@ def _sweep(
 def _references(report: Report, args: argparse.Namespace, images: list[Path], model_path: str) -> None:
     from mobiserve.bench import baseline
     from mobiserve.server.config import ModelConfig
-    from mobiserve.server.runtime.session import available_cores
+    from mobiserve.server.cores import available_cores
 
     data = [p.read_bytes() for p in images]
     print("in-process references (no gRPC) ...", file=sys.stderr)
@@ -230,7 +230,7 @@ def _references(report: Report, args: argparse.Namespace, images: list[Path], mo
 
 
 def _loads(args: argparse.Namespace) -> list[Load]:
-    from mobiserve.server.runtime.session import available_cores
+    from mobiserve.server.cores import available_cores
 
     if args.requests is not None and args.requests < 1:
         raise BenchError(f"--requests must be at least 1, got {args.requests}")

@@ -16,7 +16,7 @@ from typing import Any, TextIO
 from mobiserve.bench.baseline import CARD_BATCH, Baseline, PipelineCost, PreprocessReport
 from mobiserve.bench.cpu import ROLES
 from mobiserve.bench.loadgen import StepResult
-from mobiserve.server.runtime.session import available_cores
+from mobiserve.server.cores import available_cores
 
 REFERENCE_CONCURRENCY = 32  # where the throughput targets are stated
 

@@ -25,10 +25,11 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from mobiserve.common.labels import IMAGENET_SYNSETS, Labels
 from mobiserve.server import threads as os_threads
 from mobiserve.server.config import ModelConfig
+from mobiserve.server.cores import available_cores
 from mobiserve.server.metrics import Metrics
 from mobiserve.server.processing.preprocess import ImageLimits
 from mobiserve.server.runtime.model import Model
-from mobiserve.server.runtime.session import SessionTuning, available_cores
+from mobiserve.server.runtime.session import SessionTuning
 from mobiserve.server.serving import Classified, ImageInput, ModelRegistry, Timing, check_count, describe, run_whole
 from mobiserve.server.transport.calls import Calls
 from mobiserve.server.transport.servicer import ClassifierServicer

@@ -30,12 +30,13 @@ from mobiserve.common.labels import Labels
 from mobiserve.inference import grpc_service_pb2 as oip_pb
 from mobiserve.server import threads
 from mobiserve.server.config import ModelConfig, ServerConfig
+from mobiserve.server.cores import available_cores
 from mobiserve.server.memory import return_large_blocks_to_the_system, trim_when_idle
 from mobiserve.server.metrics import Metrics
 from mobiserve.server.metrics_http import MetricsServer
 from mobiserve.server.processing.preprocess import ImageLimits
 from mobiserve.server.runtime.model import Model
-from mobiserve.server.runtime.session import SessionTuning, available_cores
+from mobiserve.server.runtime.session import SessionTuning
 from mobiserve.server.serving import ModelRegistry, ServedModel
 from mobiserve.server.transport.arrivals import UNREAD, Undelivered
 from mobiserve.server.transport.calls import Calls

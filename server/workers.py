@@ -39,7 +39,7 @@ from multiprocessing.synchronize import Event
 from typing import Any
 
 from mobiserve.server.config import ServerConfig
-from mobiserve.server.runtime.session import CORES_ENV, available_cores
+from mobiserve.server.cores import CORES_ENV, available_cores
 
 log = logging.getLogger("mobiserve.server")
 

@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 
 from mobiserve.common.labels import Labels
+from mobiserve.server.cores import CORES_ENV, _cpu_quota, available_cores
 from mobiserve.server.processing.preprocess import ImageLimits, preprocess_encoded
 from mobiserve.server.runtime.model import SMALL_BATCH, Model
-from mobiserve.server.runtime.session import CORES_ENV, SessionTuning, _cpu_quota, available_cores
+from mobiserve.server.runtime.session import SessionTuning
 
 from helpers import SYNSETS
 

@@ -112,8 +112,8 @@ def _evaluate(args: argparse.Namespace) -> int:
     if hint := missing("server", *SERVER_MODULES, "tqdm"):
         return fail(hint)
     from mobiserve.common.labels import Labels
+    from mobiserve.server.cores import available_cores
     from mobiserve.server.errors import ModelLoadError
-    from mobiserve.server.runtime.session import available_cores
     from mobiserve.server.workflows import evaluate as ev
     from mobiserve.server.workflows.dataset import DatasetError, labelled_images
 
@@ -177,9 +177,9 @@ def _quantize(args: argparse.Namespace) -> int:
     import numpy as np
 
     from mobiserve.common.labels import Labels
+    from mobiserve.server.cores import available_cores
     from mobiserve.server.errors import ModelLoadError
     from mobiserve.server.processing.preprocess import ImageLimits
-    from mobiserve.server.runtime.session import available_cores
     from mobiserve.server.workflows import evaluate as ev
     from mobiserve.server.workflows.dataset import DatasetError, labelled, labelled_images, scan, spread
     from mobiserve.server.workflows.quantize import (
