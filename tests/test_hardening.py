@@ -9,6 +9,8 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import os
+import re
 import signal
 import socket
 import subprocess
@@ -24,15 +26,18 @@ import grpc
 import pytest
 import pytest_asyncio
 
+from mobiserve.client import Client
 from mobiserve.server.app import App
 from mobiserve.server.transport.errorlog import ErrorLog
 from mobiserve.v1 import classifier_pb2 as pb
 from mobiserve.v1 import classifier_pb2_grpc as pb_grpc
 
 from helpers import (
+    INT8,
     SYNSETS,
     ServerProcess,
     free_port,
+    metric,
     model_config,
     poll_until,
     request_of,
@@ -589,3 +594,85 @@ def test_streams_that_never_read_then_vanish_leave_no_memory_behind(
         server.stop()
     print(f"\nRSS {start:.0f} MiB, after each round: {', '.join(f'{a:.0f}' for a in after)} MiB")
     assert after[-1] - start < 150 and after[-1] - after[0] < 40, (start, after)
+
+
+# ------------------------------------------------------------------------- the --workers supervisor
+
+
+def children_of(pid: int) -> set[int]:
+    """The processes whose parent is `pid` now (Linux /proc)."""
+    found = set()
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rpartition(")")[2].split()
+        except OSError:
+            continue  # it ended meanwhile
+        if int(fields[1]) == pid:
+            found.add(int(stat.parent.name))
+    return found
+
+
+def running(pid: int) -> bool:
+    """The process exists and is not a zombie (a zombie holds no socket and no lock)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.slow
+def test_workers_end_with_a_killed_supervisor_and_a_restart_gets_the_port(tmp_path: Path, int8_model: Path) -> None:
+    """SIGKILL of the supervisor: its workers (and multiprocessing's resource tracker) exit on
+    their own, the metric files' folder is removed, and a one-process server binds the port."""
+    port = free_port()
+    model = ["--model", f"int8={int8_model}", "--synsets", str(SYNSETS), "--port", str(port)]
+    supervisor = serve(*model, "--workers", "2", env={"TMPDIR": str(tmp_path)})
+    children = children_of(supervisor.pid)
+    (folder,) = tmp_path.glob("mobiserve-metrics-*")
+    try:
+        assert len(children) >= 2, children  # the workers, and the resource tracker
+        supervisor.kill()
+        left = lambda: {pid for pid in children if running(pid)}  # noqa: E731
+        assert wait_until(lambda: not left(), 20), f"still running 20 s after the supervisor died: {left()}"
+        assert not folder.exists(), sorted(p.name for p in folder.iterdir())
+        restarted = serve(*model)  # one process binds the port only if no one else holds it
+        restarted.stop()
+    finally:
+        for pid in children:
+            if running(pid):
+                os.kill(pid, signal.SIGKILL)
+
+
+@pytest.mark.slow
+def test_the_metrics_folder_stays_bounded_however_often_workers_restart(tmp_path: Path, jpeg: bytes) -> None:
+    """Both workers killed twice: the dead workers' counters and histograms still count in the
+    totals, and the folder holds only the files of running processes and one archive per kind,
+    instead of two more files per dead worker."""
+    metrics_port = free_port()
+    supervisor = serve(
+        "--model", f"int8={INT8}", "--synsets", str(SYNSETS), "--workers", "2", "--metrics-port", str(metrics_port),
+        env={"TMPDIR": str(tmp_path)},
+    )  # fmt: skip
+    (folder,) = tmp_path.glob("mobiserve-metrics-*")
+    answered = 0
+    try:
+        for round_ in range(1, 3):
+            with Client(supervisor.target, connections=4) as client:
+                for _ in range(10):
+                    client.classify(jpeg, timeout=30)
+                    answered += 1
+            pids = [int(p) for p in re.findall(r"event=worker_started worker=\d+ pid=(\d+)", supervisor.log)[-2:]]
+            for pid in pids:
+                os.kill(pid, signal.SIGKILL)
+            started = 2 * (round_ + 1)  # serving workers so far, the new ones too
+            back = lambda n=started: supervisor.log.count("event=worker_serving") == n  # noqa: E731
+            assert wait_until(back, 60), supervisor.log[-2000:]
+        files = sorted(p.name for p in folder.glob("*.db"))
+        live = {str(supervisor.pid), *map(str, children_of(supervisor.pid))}
+        ok = metric("127.0.0.1", metrics_port, "mobiserve_requests_total", model="int8", code="OK")
+        timed = metric("127.0.0.1", metrics_port, "mobiserve_request_duration_seconds_count", method="Classify")
+    finally:
+        supervisor.stop()
+    assert ok == timed == answered == 20  # what the dead workers counted is kept
+    stale = [f for f in files if f.rpartition("_")[2].removesuffix(".db") not in {*live, "archive"}]
+    assert not stale and len(files) <= 11, files  # 4 kinds for each worker, the supervisor's, the archives
