@@ -27,6 +27,8 @@ import pytest
 import pytest_asyncio
 
 from mobiserve.client import Client
+from mobiserve.inference import grpc_service_pb2 as ipb
+from mobiserve.inference import grpc_service_pb2_grpc as ipb_grpc
 from mobiserve.server.app import App
 from mobiserve.server.transport.errorlog import ErrorLog
 from mobiserve.v1 import classifier_pb2 as pb
@@ -330,6 +332,59 @@ async def test_an_undecodable_message_in_a_stream_gets_an_error_answer_and_the_s
         else:
             assert answer.error.code == grpc.StatusCode.INVALID_ARGUMENT.value[0], answer.error
             assert "not a valid ClassifyRequest" in answer.error.message
+
+
+def oip_request(jpeg: bytes, **fields: object) -> ipb.ModelInferRequest:
+    request = ipb.ModelInferRequest(**fields)  # type: ignore[arg-type]
+    request.inputs.add(name="encoded_image", datatype="BYTES", shape=[1, 1]).contents.bytes_contents.append(jpeg)
+    return request
+
+
+@pytest.mark.parametrize(
+    ("method", "field", "data"),
+    [
+        ("mobiserve.v1.Classifier/Classify", "request_id", with_raw_field(request_of(b"x"), 4, BAD_UTF8)),
+        ("mobiserve.v1.Classifier/Classify", "model", with_raw_field(request_of(b"x"), 1, BAD_UTF8)),
+        ("inference.GRPCInferenceService/ModelInfer", "id", with_raw_field(oip_request(b"x"), 3, BAD_UTF8)),
+        ("inference.GRPCInferenceService/ModelInfer", "model_version", with_raw_field(oip_request(b"x"), 2, BAD_UTF8)),
+        (
+            "inference.GRPCInferenceService/ModelInfer",
+            "inputs[1].name",
+            with_raw_field(oip_request(b"x"), 5, bytes([1 << 3 | 2, len(BAD_UTF8)]) + BAD_UTF8),
+        ),
+        (
+            "inference.GRPCInferenceService/ModelMetadata",
+            "version",
+            with_raw_field(ipb.ModelMetadataRequest(name="int8"), 2, BAD_UTF8),
+        ),
+        ("mobiserve.v1.Classifier/Classify", "", CORRUPT),
+    ],
+    ids=lambda value: value if isinstance(value, str) else "",
+)
+async def test_a_request_that_cannot_be_parsed_is_told_what_is_wrong(
+    channel: grpc.aio.Channel, method: str, field: str, data: bytes
+) -> None:
+    """Not "corrupt protobuf wire format" for a string field that is not UTF-8: which field."""
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await channel.unary_unary(f"/{method}")(data, timeout=30)
+    details = err.value.details() or ""
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, details
+    if field:
+        assert f"its field {field} is not valid UTF-8" in details and "corrupt" not in details, details
+    else:
+        assert "corrupt protobuf wire format" in details, details
+
+
+async def test_model_ready_with_no_name_is_the_default_model_as_for_infer_and_metadata(
+    channel: grpc.aio.Channel, jpeg: bytes
+) -> None:
+    stub = ipb_grpc.GRPCInferenceServiceStub(channel)
+    assert (await stub.ModelReady(ipb.ModelReadyRequest(name=""), timeout=10)).ready
+    assert (await stub.ModelReady(ipb.ModelReadyRequest(name="", version="1"), timeout=10)).ready
+    assert not (await stub.ModelReady(ipb.ModelReadyRequest(name="", version="2"), timeout=10)).ready
+    assert not (await stub.ModelReady(ipb.ModelReadyRequest(name="no-such-model"), timeout=10)).ready
+    assert (await stub.ModelMetadata(ipb.ModelMetadataRequest(name=""), timeout=10)).name == "int8"
+    assert (await stub.ModelInfer(oip_request(jpeg), timeout=30)).model_name == "int8"
 
 
 # ------------------------------------------------------------------------------------- drain

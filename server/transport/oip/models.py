@@ -7,7 +7,7 @@ from pathlib import Path
 
 from mobiserve.inference import grpc_service_pb2 as pb
 from mobiserve.server.metrics import ModelStatistics
-from mobiserve.server.serving import ModelDescription
+from mobiserve.server.serving import ModelDescription, ModelRegistry
 from mobiserve.server.transport.oip.tensors import BYTES, FP32, Tensor, input_tensors, output_tensors
 
 PLATFORM = "onnxruntime_onnx"  # Triton's name for what runs the model
@@ -27,6 +27,13 @@ def model_metadata(d: ModelDescription) -> pb.ModelMetadataResponse:
         outputs=[tensor(t) for t in output_tensors(d)],
         properties={"preprocessing": d.preprocessing, "num_classes": str(d.num_classes)},
     )
+
+
+def model_ready(registry: ModelRegistry, name: str, version: str) -> bool:
+    """Whether `name` is served in `version`, read as ModelInfer and ModelMetadata read them: no
+    name is the default model, no version the one served."""
+    model = registry.models.get(name or registry.default)
+    return model is not None and version in ("", model.description.version)
 
 
 def model_config(d: ModelDescription) -> pb.ModelConfig:

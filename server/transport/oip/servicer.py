@@ -20,7 +20,7 @@ from mobiserve.server.errors import InvalidInput, ModelNotFound
 from mobiserve.server.serving import ModelRegistry, Servable
 from mobiserve.server.transport.calls import Calls, Failed, within
 from mobiserve.server.transport.decode import Undecodable, lenient, refusing_undecodable
-from mobiserve.server.transport.oip.models import model_config, model_metadata, model_statistics
+from mobiserve.server.transport.oip.models import model_config, model_metadata, model_ready, model_statistics
 from mobiserve.server.transport.oip.tensors import images_of, integer_parameter, requested_outputs, response_of
 from mobiserve.server.transport.status import status_of
 
@@ -81,9 +81,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     ) -> pb.ModelReadyResponse:
         """False (not an error) for a model this server does not serve, as a readiness probe expects."""
         registry = self.calls.registry
-        ready = self.calls.ready and registry is not None and request.name in registry.models
-        if ready and registry is not None and request.version:
-            ready = registry.models[request.name].description.version == request.version
+        ready = self.calls.ready and registry is not None and model_ready(registry, request.name, request.version)
         return pb.ModelReadyResponse(ready=ready)
 
     async def ServerMetadata(
