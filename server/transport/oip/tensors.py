@@ -12,13 +12,14 @@ probable first (the protocol's classification extension, scores being the output
 from __future__ import annotations
 
 import struct
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
 from mobiserve.inference import grpc_service_pb2 as pb
-from mobiserve.server.errors import InvalidInput
+from mobiserve.server.errors import InvalidInput, shown
 from mobiserve.server.serving import ImageInput, ImageScores, ModelDescription, RawTensor
 
 ENCODED_INPUT = "encoded_image"
@@ -82,6 +83,10 @@ def requested_outputs(request: pb.ModelInferRequest, d: ModelDescription) -> lis
     """What to answer with: every output when the request names none."""
     if not request.outputs:
         return [Requested(d.output_name)]
+    # each output at most once: the answer's size (and the work of building it) stays bounded by the model's
+    name, times = Counter(output.name for output in request.outputs).most_common(1)[0]
+    if times > 1:
+        raise InvalidInput(f"output {shown(name)} is asked for {times} times; ask for each output once")
     requested = []
     for output in request.outputs:
         if output.name != d.output_name:
