@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -27,6 +28,22 @@ DEFAULT_MAX_IN_FLIGHT = 64
 def default_target() -> str:
     """$MOBISERVE_TARGET, else the local default server."""
     return os.environ.get(TARGET_ENV) or DEFAULT_TARGET
+
+
+_SCHEME = re.compile(r"^(dns|ipv4|ipv6):(//[^/]*/)?")
+_PORT = re.compile(r":(-?\d+)$")
+
+
+def checked_target(target: str) -> str:
+    """`target` itself, once every port in it is 1 to 65535: gRPC would dial port 99999 as 34463."""
+    addresses = _SCHEME.sub("", target, count=1)
+    if target.startswith("unix:"):
+        return target
+    for address in addresses.split(","):
+        found = _PORT.search(address.strip("/"))
+        if found and not 1 <= int(found[1]) <= 65535:
+            raise ValueError(f"target {target!r}: port {found[1]} is not 1 to 65535")
+    return target
 
 
 class ClientBase:
@@ -62,7 +79,7 @@ class ClientBase:
     ):
         if connections < 1:
             raise ValueError(f"connections must be at least 1, got {connections}")
-        self.target = target or default_target()
+        self.target = checked_target(target or default_target())
         self.timeout = timeout
         self.wait_for_ready = wait_for_ready
         self._max_message_bytes = max_message_bytes

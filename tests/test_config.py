@@ -10,20 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from mobiserve.common.command import main
 from mobiserve.server.config import ConfigError, ModelConfig, ServerConfig, load_toml
 
+from helpers import cli
+
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def cli(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
-    """`mobiserve ARGS` in this process: (exit code, stdout, stderr)."""
-    try:
-        code = main(list(args))
-    except SystemExit as exc:  # argparse's usage errors and --help
-        code = int(exc.code or 0)
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 MODEL = '[[models]]\nname = "m"\npath = "model.onnx"\n'
