@@ -86,7 +86,10 @@ def register(sub: Subcommands) -> None:
     p.add_argument("--json", action="store_true", help="print JSON on stdout")
     p.set_defaults(func=_models)
     actions = p.add_subparsers(metavar="ACTION")
-    pull = actions.add_parser("pull", help="download the zoo's MobileNetV2 models, checked by sha256")
+    pull = actions.add_parser(
+        "pull",
+        help="download the zoo's MobileNetV2 models, checked (int8: sha256; fp32: its inputs and outputs)",
+    )
     pull.add_argument("names", nargs="*", metavar="NAME", help=f"which models ({', '.join(zoo.ZOO)}; default all)")
     pull.add_argument("--dir", type=Path, default=zoo.DEFAULT_MODELS_DIR, help="models folder (default: %(default)s)")
     pull.add_argument("--from", dest="source", help=f"a folder or base URL holding the files (or ${zoo.MIRROR_ENV})")
@@ -368,8 +371,13 @@ def _pull(args: argparse.Namespace) -> int:
         except zoo.ZooError as exc:
             status = fail(str(exc))
             continue
-        digest = zoo.sha256_of(path)
-        checked = "sha256 verified" if model.sha256 else f"sha256 {digest} (not pinned: compare with the zoo)"
+        if model.sha256:
+            checked = "sha256 verified"
+        else:
+            checked = (
+                f"an ONNX model with input float [N, 3, {model.input_size}, {model.input_size}] and output float "
+                f"[N, {model.classes}]; sha256 {zoo.sha256_of(path)}, not pinned: compare with the zoo's"
+            )
         print(f"{name}: {path} ({checked})")
     return status
 
