@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import itertools
 import os
 import re
@@ -63,6 +64,8 @@ class ClientBase:
     them by connection, so one client needs at least N connections to reach every worker.
     """
 
+    _opens_at_once = True  # the channels; the asyncio client waits for its first call, in its event loop
+
     def __init__(
         self,
         target: str | None = None,
@@ -86,10 +89,23 @@ class ClientBase:
         settings = channel_options(retry, keepalive, max_message_bytes, load_balancing, options)
         if connections > 1:  # channels share their connections unless each keeps its own pool
             settings.append(("grpc.use_local_subchannel_pool", 1))
-        self._channels = [self._channel(settings, credentials) for _ in range(connections)]
-        self._stubs = itertools.cycle([pb_grpc.ClassifierStub(c) for c in self._channels])
         # health() must reach a server that is not SERVING too: on a channel that does not watch health
         checking = channel_options(None, keepalive, max_message_bytes, load_balancing, options, watch_health=False)
+        self._open = functools.partial(self._open_channels, settings, checking, credentials, connections)
+        self._channels: list[Any] = []
+        if self._opens_at_once:
+            self._open()
+
+    def _open_channels(
+        self,
+        settings: ChannelOptions,
+        checking: ChannelOptions,
+        credentials: grpc.ChannelCredentials | None,
+        connections: int,
+    ) -> None:
+        """Open the channels (the blocking client at once, the asyncio one on its first call)."""
+        self._channels = [self._channel(settings, credentials) for _ in range(connections)]
+        self._stubs = itertools.cycle([pb_grpc.ClassifierStub(c) for c in self._channels])
         self._health_channel = self._channel(checking, credentials)
         self._check = self._health_channel.unary_unary(_health.CHECK)
 
