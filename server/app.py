@@ -39,19 +39,17 @@ from mobiserve.server.runtime.model import Model
 from mobiserve.server.runtime.session import SessionTuning
 from mobiserve.server.serving import ModelRegistry, ServedModel
 from mobiserve.server.transport.arrivals import UNREAD, Undelivered
-from mobiserve.server.transport.calls import Calls
+from mobiserve.server.transport.calls import CallHandling
 from mobiserve.server.transport.connections import connection_options
 from mobiserve.server.transport.drain import HANDOFF_MAX_S
 from mobiserve.server.transport.health import HealthServicer
-from mobiserve.server.transport.oip.servicer import SERVICE_NAME as OIP_SERVICE_NAME
+from mobiserve.server.transport.oip import servicer as oip
 from mobiserve.server.transport.oip.servicer import InferenceServicer
-from mobiserve.server.transport.oip.servicer import register as register_inference
-from mobiserve.server.transport.servicer import ClassifierServicer, register
+from mobiserve.server.transport.servicer import COUNTED_UNARY, SERVICE, ClassifierServicer, register
 from mobiserve.v1 import classifier_pb2 as pb
 
 log = logging.getLogger("mobiserve.server")
-SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Classifier"].full_name  # "mobiserve.v1.Classifier"
-SERVICES = (SERVICE_NAME, OIP_SERVICE_NAME)  # what health reports on, besides the server ("")
+SERVICES = (SERVICE.full_name, oip.SERVICE.full_name)  # what health reports on, besides the server ("")
 
 
 def load_model(config: ModelConfig) -> Model:
@@ -78,7 +76,7 @@ class App:
     server: grpc.aio.Server
     port: int
     health: HealthServicer
-    calls: Calls  # what both services share: registry, drain gate, metrics, error log
+    handling: CallHandling  # what both services share: registry, drain gate, metrics, error log
     servicer: ClassifierServicer
     inference: InferenceServicer
     metrics: Metrics
@@ -131,15 +129,15 @@ class App:
         if self.metrics.multiprocess:  # the supervisor cannot call back into this process
             self._sampler = asyncio.create_task(self._sample_queues(), name="queue-depth")
         busy = lambda: any(model.queued() for model in served)
-        self._trimmer = asyncio.create_task(trim_when_idle(busy, lambda: self.calls.answered), name="trim")
-        self.calls.registry = registry
+        self._trimmer = asyncio.create_task(trim_when_idle(busy, lambda: self.handling.answered), name="trim")
+        self.handling.registry = registry
         return registry
 
     async def serving(self) -> None:
         """Health SERVING: load balancers and health-checking clients send calls from now on."""
         for name in ("", *SERVICES):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
-        registry = self.calls.registry
+        registry = self.handling.registry
         assert registry is not None, "load_models() first"
         event = "serving" if self.worker is None else "worker_serving"  # the supervisor says "serving"
         log.info("event=%s port=%d models=%s default=%s", event, self.port, ",".join(registry.models), registry.default)
@@ -164,8 +162,8 @@ class App:
         loop = asyncio.get_running_loop()
         end = loop.time() + grace
         log.info("event=draining grace_s=%.1f", grace)
-        gate = self.calls.gate
-        self.calls.drain()
+        gate = self.handling.gate
+        self.handling.drain()
         await self.health.enter_graceful_shutdown()
         for model in self.served:
             self.metrics.model_ready.labels(model.name).set(0)
@@ -215,16 +213,17 @@ async def create_app(config: ServerConfig, worker: Worker | None = None) -> App:
         *connection_options(config),
     ]
     metrics = Metrics()
-    unary = [f"/{SERVICE_NAME}/Classify", f"/{OIP_SERVICE_NAME}/ModelInfer"]
-    undelivered = Undelivered(functools.partial(metrics.observe_undelivered, UNREAD), unary)
+    undelivered = Undelivered(
+        functools.partial(metrics.observe_undelivered, UNREAD), (*COUNTED_UNARY, *oip.COUNTED_UNARY)
+    )
     server = grpc.aio.server(options=options, interceptors=[undelivered])
     for model in config.models:
         metrics.model_ready.labels(model.name).set(0)  # the series exists (at 0) while loading
-    calls = Calls(metrics, config.default_timeout_s, (m.name for m in config.models))
-    servicer = ClassifierServicer(calls, config.expose_model_paths)
+    handling = CallHandling(metrics, config.default_timeout_s, (m.name for m in config.models))
+    servicer = ClassifierServicer(handling, config.expose_model_paths)
     register(servicer, server)
-    inference = InferenceServicer(calls)
-    register_inference(inference, server)
+    inference = InferenceServicer(handling)
+    oip.register(inference, server)
     health_servicer = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     health_name = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
@@ -271,7 +270,9 @@ async def create_app(config: ServerConfig, worker: Worker | None = None) -> App:
             "plain-text gRPC on a non-loopback address: anyone who can reach it can use and read it; "
             "give --tls-cert/--tls-key",
         )
-    return App(config, server, port, health_servicer, calls, servicer, inference, metrics, pool, metrics_server, worker)
+    return App(
+        config, server, port, health_servicer, handling, servicer, inference, metrics, pool, metrics_server, worker
+    )
 
 
 def _reflection_pool() -> descriptor_pool.DescriptorPool:

@@ -29,7 +29,7 @@ async def test_unary_single_image(stub: pb_grpc.ClassifierStub, jpeg: bytes, ser
     assert len(classes) == 5  # top_k 0 means 5
     scores = [c.score for c in classes]
     assert scores == sorted(scores, reverse=True) and 0 < sum(scores) <= 1.0001
-    labels = server.servicer.registry.get("").model.labels  # type: ignore[union-attr]
+    labels = server.handling.registry.get("").model.labels  # type: ignore[union-attr]
     assert all(c.wnid == labels.wnids[c.index] and c.name == labels.names[c.index] for c in classes)
     assert r.timing.batch_size >= 1 and r.timing.preprocess_us > 0 and r.timing.inference_us > 0
 

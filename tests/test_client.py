@@ -201,7 +201,7 @@ def requests_counted(server: App, code: str) -> float:
 
 
 async def test_a_full_queue_is_overloaded_after_grpc_retried_it(server: App, jpeg: bytes) -> None:
-    batcher = server.servicer.registry.get("int8").batcher  # type: ignore[union-attr]
+    batcher = server.handling.registry.get("int8").batcher  # type: ignore[union-attr]
     before = requests_counted(server, "RESOURCE_EXHAUSTED")
     retry = RetryPolicy(max_attempts=3, initial_backoff_s=0.01, max_backoff_s=0.05)
     full = batcher.max_queue_size - batcher.admitted

@@ -529,7 +529,7 @@ async def test_every_call_with_an_expired_deadline_is_counted_once_and_none_is_c
                 await asyncio.gather(*(one() for _ in range(10)))
             # the server counts a call when it ends there, which may be after the client gave up
             seen = lambda: sum(counted().values()) - 1  # noqa: E731
-            await poll_until(lambda: app.calls.gate.idle and seen() >= 0.95 * 600, timeout_s=10)
+            await poll_until(lambda: app.handling.gate.idle and seen() >= 0.95 * 600, timeout_s=10)
         after = counted()
         now_inferred = registry.get_sample_value("mobiserve_batch_size_images_sum", {"model": "int8"}) or 0.0
     finally:

@@ -25,7 +25,7 @@ from PIL import Image
 from test_bad_input import png_bomb
 
 from mobiserve.server.app import App
-from mobiserve.server.transport.servicer import SHUTTING_DOWN
+from mobiserve.server.transport.calls import SHUTTING_DOWN
 from mobiserve.v1 import classifier_pb2 as pb
 from mobiserve.v1 import classifier_pb2_grpc as pb_grpc
 
@@ -75,7 +75,7 @@ class GatedSession:
 
 
 def gate_session(app: App) -> GatedSession:
-    model = next(iter(app.servicer.registry or ())).model
+    model = next(iter(app.handling.registry or ())).model
     gated = GatedSession(model._free.get())  # instances=1: the model's only session
     model._free.put(gated)
     return gated
@@ -172,7 +172,7 @@ async def test_a_full_queue_refuses_at_once_then_recovers(
     gated: tuple[App, GatedSession], gated_stub: pb_grpc.ClassifierStub, images: list[bytes]
 ) -> None:
     app, session = gated
-    batcher = next(iter(app.servicer.registry or ())).batcher
+    batcher = next(iter(app.handling.registry or ())).batcher
     refused_before = requests_counted(app, "RESOURCE_EXHAUSTED")
     with session.closed():
         running = asyncio.ensure_future(gated_stub.Classify(request_of(images[0], request_id="running"), timeout=60))
@@ -230,7 +230,7 @@ async def test_cancelled_and_expired_requests_never_reach_the_model(
     assert session.batch_sizes[runs_before:] == [1, 1]
     assert requests_counted(app, "DEADLINE_EXCEEDED") - deadline_before == 1
     assert requests_counted(app, "CANCELLED") - cancelled_before == 1
-    assert next(iter(app.servicer.registry or ())).batcher.admitted == 0
+    assert next(iter(app.handling.registry or ())).batcher.admitted == 0
 
 
 async def test_the_default_timeout_applies_when_the_client_sets_none(int8_model: Path, images: list[bytes]) -> None:
@@ -335,7 +335,7 @@ def test_limits_and_knobs_come_from_the_serve_flags(int8_model: Path) -> None:
 
 async def test_drain_answers_what_is_in_flight_and_refuses_the_rest(int8_model: Path, images: list[bytes]) -> None:
     app, session = await start_gated(int8_model)
-    batcher = next(iter(app.servicer.registry or ())).batcher
+    batcher = next(iter(app.handling.registry or ())).batcher
     target = f"127.0.0.1:{app.port}"
     stopping: asyncio.Task[None] | None = None
     try:

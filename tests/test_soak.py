@@ -26,7 +26,7 @@ import pytest
 import pytest_asyncio
 from test_bad_input import png_bomb
 
-from mobiserve.server.transport.servicer import SHUTTING_DOWN
+from mobiserve.server.transport.calls import SHUTTING_DOWN
 from mobiserve.v1 import classifier_pb2 as pb
 from mobiserve.v1 import classifier_pb2_grpc as pb_grpc
 

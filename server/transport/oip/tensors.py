@@ -105,9 +105,9 @@ def integer_parameter(value: pb.InferParameter, name: str) -> int:
 
 
 def response_of(
-    request: pb.ModelInferRequest, d: ModelDescription, scores: Sequence[ImageScores], requested: Sequence[Requested]
+    request_id: str, d: ModelDescription, scores: Sequence[ImageScores], requested: Sequence[Requested]
 ) -> pb.ModelInferResponse:
-    response = pb.ModelInferResponse(model_name=d.name, model_version=d.version, id=request.id)
+    response = pb.ModelInferResponse(model_name=d.name, model_version=d.version, id=request_id)
     for want in requested:
         if want.classes:
             shape: list[int] = [len(scores), want.classes]
