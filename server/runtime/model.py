@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import queue
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -32,6 +32,7 @@ class BatchScores:
 
 
 SMALL_BATCH = 2  # batches up to this size may take the spinning session (see Model)
+SessionOpener = Callable[[str, SessionTuning], ort.InferenceSession]
 
 
 class Model:
@@ -44,7 +45,14 @@ class Model:
     costs nothing. Both sessions run the same kernels with the same threads: same results.
     """
 
-    def __init__(self, path: str | Path, labels: Labels, tuning: SessionTuning, instances: int = 1):
+    def __init__(
+        self,
+        path: str | Path,
+        labels: Labels,
+        tuning: SessionTuning,
+        instances: int = 1,
+        open_session: SessionOpener = open_session,  # tests pass one whose sessions they can hold
+    ):
         self.path = str(path)
         self.sha256 = sha256_of(Path(path)) if Path(path).is_file() else ""
         self.labels = labels
