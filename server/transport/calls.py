@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import logging
 import math
 import time
@@ -60,13 +59,13 @@ Req = TypeVar("Req")  # a decoded request message
 Resp = TypeVar("Resp")  # a response message
 
 
-@dataclass(frozen=True, kw_only=True)
+@dataclass(kw_only=True, slots=True)
 class Call:
     """One inference request on its way through the handling, whatever protocol carried it.
 
-    The servicer fills in what the message says; the handling completes the rest (`deadline`,
-    and `request_id` from the metadata when the message has none) before the work sees it. A new
-    per-request setting is a new field with a default."""
+    The servicer fills in what the message says; the handling completes the rest in place
+    (`deadline`, and `request_id` from the metadata when the message has none) before the work
+    sees it, which only reads it. A new per-request setting is a new field with a default."""
 
     method: str  # the RPC, for metrics and logs: "Classify", "ModelStreamInfer"
     model: str  # as the client named it; "" is the default model
@@ -126,7 +125,7 @@ class CallHandling:
         """One unary call: `work` answers it, or its status ends the call."""
         with self.gate.call():
             refuse = self.gate.draining
-            call = self._complete(call, context.time_remaining(), call.request_id or _request_id_of(context))
+            self._complete(call, context.time_remaining(), call.request_id or _request_id_of(context))
             outcome = await self._answer(request, call, work, context, refuse=refuse)
             if isinstance(outcome, Failed):
                 if outcome.code == grpc.StatusCode.DEADLINE_EXCEEDED and _expired(context):
@@ -175,9 +174,9 @@ class CallHandling:
             return registry.default if registry is not None else DEFAULT_LABEL
         return name if name in self._model_names else UNKNOWN_LABEL
 
-    def _complete(self, call: Call, remaining: float | None, request_id: str) -> Call:
-        """`call` with its deadline, from `remaining` (the client's, in seconds from now; None:
-        the server's default) or the request's own timeout if that comes first."""
+    def _complete(self, call: Call, remaining: float | None, request_id: str) -> None:
+        """Give `call` its request id and its deadline, from `remaining` (the client's, in seconds
+        from now; None: the server's default) or the request's own timeout if that comes first."""
         now = time.monotonic()
         if remaining is None:
             deadline, enforce = now + self.default_timeout_s, True
@@ -185,7 +184,7 @@ class CallHandling:
             deadline, enforce = now + remaining, False
         if call.timeout_s and now + call.timeout_s < deadline:
             deadline, enforce = now + call.timeout_s, True
-        return dataclasses.replace(call, request_id=request_id, deadline=deadline, enforce_deadline=enforce)
+        call.request_id, call.deadline, call.enforce_deadline = request_id, deadline, enforce
 
     async def _answer(
         self,
@@ -306,7 +305,7 @@ class _Stream(Generic[Req, Resp]):
 
     async def _answer(self, request: Req | Undecodable) -> None:
         call = self._call_of(request)
-        call = self._handling._complete(call, None, call.request_id or self._request_id)
+        self._handling._complete(call, None, call.request_id or self._request_id)
         try:
             outcome = await self._handling._answer(request, call, self._work, self._context, refuse=False)
         finally:
