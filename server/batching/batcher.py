@@ -150,6 +150,11 @@ class Batcher(Generic[I, T, R]):
     def start(self) -> None:
         self._loop_task = asyncio.get_running_loop().create_task(self._loop(), name=f"batcher:{self.name}")
 
+    @property
+    def waiting(self) -> int:
+        """Items prepared and queued for a batch (a gone caller's are skipped when drained)."""
+        return len(self._queue)
+
     async def submit(self, inputs: Sequence[I], deadline: float | None = None) -> Answered[R]:
         """Admit, prepare and queue `inputs`, and wait for their results. `deadline` is on the
         loop's clock. Raises Overloaded (queue full) or Unavailable (closing) before any work."""

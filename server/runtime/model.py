@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import queue
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -33,19 +33,28 @@ class BatchScores:
 
 
 SMALL_BATCH = 2  # batches up to this size may take the spinning session (see Model)
+SessionOpener = Callable[[str, SessionTuning], ort.InferenceSession]
 
 
 class Model:
     """`instances` sessions of one ONNX file; `infer` may be called from that many threads at once.
 
     With spinning off (the default, so idle intra-op threads leave the cores to preprocessing),
-    a lone image pays for waking onnxruntime's threads at every operator: ~0.4 ms of a ~2.5 ms
-    batch-1 run. So one extra session whose threads spin takes small batches when it is free:
-    small batches only happen when the server is lightly loaded, which is exactly when spinning
-    costs nothing. Both sessions run the same kernels with the same threads: same results.
+    a lone image pays for waking onnxruntime's threads at every operator, a good part of a
+    batch-1 run (docs/performance.md). So one extra session whose threads spin takes small
+    batches when it is free: small batches only happen when the server is lightly loaded, which
+    is exactly when spinning costs nothing. Both sessions run the same kernels with the same
+    threads: same results.
     """
 
-    def __init__(self, path: str | Path, labels: Labels, tuning: SessionTuning, instances: int = 1):
+    def __init__(
+        self,
+        path: str | Path,
+        labels: Labels,
+        tuning: SessionTuning,
+        instances: int = 1,
+        open_session: SessionOpener = open_session,  # tests pass one whose sessions they can hold
+    ):
         self.path = str(path)
         self.sha256 = sha256_of(Path(path)) if Path(path).is_file() else ""
         self.labels = labels
@@ -147,8 +156,8 @@ _thread = threading.local()
 
 def _input_buffer(n: int) -> np.ndarray:
     """This thread's reusable model input for a batch of `n` (an inference thread runs one batch
-    at a time). A fresh array per batch (19 MB at 32 images) cost its page faults every time, and
-    above glibc's mmap threshold an mmap and munmap too: about a sixth of the server's throughput."""
+    at a time). A fresh array per batch cost its page faults every time, and above glibc's mmap
+    threshold an mmap and munmap too: a good part of the server's throughput (docs/performance.md)."""
     buffer: np.ndarray | None = getattr(_thread, "input", None)
     if buffer is None or len(buffer) < n:
         buffer = _thread.input = np.empty((n, 3, INPUT_SIZE, INPUT_SIZE), dtype=np.float32)
