@@ -35,6 +35,13 @@ def check_id(request_id: str) -> None:
         raise InvalidInput(f"the request id is {size} bytes; the limit is {MAX_ID_BYTES}")
 
 
+def echoed(value: str) -> str:
+    """`value` cut to the id limit, for a failure's answer to echo: never a huge one."""
+    if len(value) * 4 <= MAX_ID_BYTES:
+        return value
+    return value.encode()[:MAX_ID_BYTES].decode(errors="ignore")
+
+
 def check_fits(answer_bytes: int, limit: int, what: str) -> None:
     """Refuse a request whose answer could exceed the message limit, saying what makes it big."""
     if answer_bytes > limit:
