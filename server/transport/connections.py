@@ -18,10 +18,11 @@ HANDSHAKE_TIMEOUT_S = 10.0
 # Calls open at once on one connection (HTTP/2 SETTINGS_MAX_CONCURRENT_STREAMS; gRPC's default:
 # unlimited). gRPC core counts a stream until the server has let go of its call, so a client that
 # opens streams and resets them at once (HTTP/2 "rapid reset") holds at most this many: core
-# refuses the rest (RST_STREAM REFUSED_STREAM) before they cost the event loop anything. A
-# well-behaved client queues its calls past the limit (a stream is one call, a whole ClassifyStream
-# included), and gRPC clients retry a refused stream by themselves.
-MAX_STREAMS_PER_CONNECTION = 256
+# refuses the rest (RST_STREAM REFUSED_STREAM) before they cost the event loop anything. Streams
+# the server is still letting go of count too, and gRPC's Python client does not retry a refused
+# stream: so the limit sits well above what one connection of a well-behaved client runs (256 let
+# a client with 200 calls in flight see a refusal now and then).
+MAX_STREAMS_PER_CONNECTION = 1024
 
 
 def connection_options(config: ServerConfig) -> list[tuple[str, int]]:
