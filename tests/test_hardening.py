@@ -470,7 +470,7 @@ async def test_a_big_answer_is_built_off_the_event_loop(int8_model: Path) -> Non
         await app.stop(grace_s=5)
     stalls = [g for g in gaps if g > build_s / 2]
     print(f"\nbuilding one answer: {build_s * 1000:.0f} ms; longest loop gaps: {sorted(gaps)[-3:]}")
-    assert sizes == [size] * 6
+    assert all(abs(n - size) < 100 for n in sizes), (sizes, size)  # (only the timing's varints differ)
     assert len(stalls) <= 1, f"{len(stalls)} stalls of the loop over {build_s / 2 * 1000:.0f} ms: {stalls}"
 
 
