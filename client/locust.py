@@ -3,11 +3,13 @@
     from mobiserve.client.locust import ClassifierUser
 
     class Classify(ClassifierUser):
-        images = "images/"   # a folder; the default is $MOBISERVE_IMAGES
+        images = "images/"                  # a folder; the default is $MOBISERVE_IMAGES
+        tasks = [ClassifierUser.classify]   # or classify_stream, or tasks of your own
 
 `pip install "mobiserve[locust]"`, then `locust -f that.py --host 127.0.0.1:50051`. Each user opens
 one `Client` (its own connection) and every call it makes is reported to Locust: named by RPC and
-model ("Classify int8"), with its response time and size, and the gRPC status name as the failure.
+model ("Classify int8"), with its response time and size, and the gRPC status name as the failure
+(the server's message is logged once per name and status).
 
 Importing this module sets up gRPC's gevent integration, which must come before any gRPC channel
 exists. Without it a blocking gRPC call holds Locust's whole event loop, so N users make one call
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import gc
 import itertools
+import logging
 import os
 import random
 import time
@@ -46,6 +49,7 @@ from mobiserve.common.datasets import image_files
 __all__ = ["IMAGES_ENV", "ClassifierUser", "GeventTooLate", "RpcFailure", "images_folder"]
 
 IMAGES_ENV = "MOBISERVE_IMAGES"
+log = logging.getLogger(__name__)
 
 
 class GeventTooLate(RuntimeError):
@@ -126,9 +130,13 @@ class _Reporter(grpc.UnaryUnaryClientInterceptor, grpc.StreamStreamClientInterce
 
     def report(self, rpc: str, model: str, started: float, length: int, failure: RpcFailure | None) -> None:
         took = time.perf_counter() - started
+        name = f"{rpc} {model}" if model else rpc
+        if failure is not None and (name, failure.status) not in _told:
+            _told.add((name, failure.status))  # Locust shows the status; the server's words, once
+            log.warning("%s failed: %s", name, failure)
         self._user.environment.events.request.fire(
             request_type="grpc",
-            name=f"{rpc} {model}" if model else rpc,
+            name=name,
             response_time=took * 1000,
             response_length=length,
             response=None,
@@ -155,6 +163,9 @@ class _Reporter(grpc.UnaryUnaryClientInterceptor, grpc.StreamStreamClientInterce
     def intercept_stream_stream(self, continuation: Callable[..., Any], details: Any, requests: Any) -> Any:
         stream = _Stream(self, _rpc_name(details.method))
         return stream.attach(continuation(details, stream.sending(requests)))
+
+
+_told: set[tuple[str, str]] = set()  # (name, status) whose first message was logged, in this process
 
 
 class _Stream:
