@@ -34,7 +34,6 @@ from mobiserve.server.runtime.session import SessionTuning, open_session
 from mobiserve.server.serving import ModelRegistry, ServedModel
 from mobiserve.server.tls import server_credentials
 from mobiserve.server.transport import servicer as classifier
-from mobiserve.server.transport.arrivals import UNREAD, UnreadCallCounter
 from mobiserve.server.transport.calls import CallHandling
 from mobiserve.server.transport.connections import connection_options
 from mobiserve.server.transport.drain import HANDOFF_MAX_S
@@ -173,6 +172,7 @@ class App:
             if not quiet:
                 log.info("event=model_unloaded model=%s", model.name)
         self.preprocess_pool.shutdown(wait=False, cancel_futures=True)
+        self.handling.close()
         if self.metrics_server is not None:
             await self.metrics_server.close()
 
@@ -189,13 +189,12 @@ async def create_app(config: ServerConfig, handshake: Handshake | None = None) -
         *connection_options(config),
     ]
     metrics = Metrics()
-    unread = UnreadCallCounter(
-        functools.partial(metrics.observe_undelivered, UNREAD), (*classifier.COUNTED_UNARY, *oip.COUNTED_UNARY)
-    )
-    server = grpc.aio.server(options=options, interceptors=[unread])
+    server = grpc.aio.server(options=options)
     for model in config.models:
         metrics.model_ready.labels(model.name).set(0)  # the series exists (at 0) while loading
-    handling = CallHandling(metrics, config.default_timeout_s, (m.name for m in config.models))
+    handling = CallHandling(
+        metrics, config.default_timeout_s, (m.name for m in config.models), config.max_message_bytes
+    )
     servicer = classifier.ClassifierServicer(handling, config.expose_model_paths)
     classifier.register(servicer, server)
     inference = oip.InferenceServicer(handling)

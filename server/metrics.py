@@ -145,10 +145,6 @@ class Metrics:
         """A worker of `--workers N`: the supervisor serves the metrics."""
         return bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
 
-    def observe_undelivered(self, model: str, method: str) -> None:
-        """A call gRPC ended before its message arrived (transport/arrivals.py)."""
-        self.requests.labels(model, method, "DEADLINE_EXCEEDED").inc()
-
     def observe_result(self, model: str, images: int, queue_s: float, preprocess_s: float, compute_s: float) -> None:
         """A classified request: its images and where its time went (compute: the batches it rode in)."""
         with self._lock:

@@ -31,17 +31,21 @@ import logging
 import math
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
 import grpc
+from google.protobuf.message import Message
 
-from mobiserve.server.errors import DeadlineExceeded, InvalidInput, Unavailable
+from mobiserve.server import threads
+from mobiserve.server.errors import AnswerTooLarge, DeadlineExceeded, InvalidInput, Unavailable
 from mobiserve.server.metrics import Metrics
 from mobiserve.server.serving import Classified, ImageInput, ModelRegistry, Servable
 from mobiserve.server.transport.decode import Undecodable
 from mobiserve.server.transport.drain import CallGate
 from mobiserve.server.transport.errorlog import ErrorLog
+from mobiserve.server.transport.sizes import check_id, echoed
 from mobiserve.server.transport.status import abort, forget_frames, is_unexpected, status_of
 
 log = logging.getLogger(__name__)
@@ -54,9 +58,11 @@ SHUTTING_DOWN = "the server is shutting down; send the request to another instan
 MODELS_LOADING = "the models are still loading; retry shortly"
 DEFAULT_LABEL = "(default)"  # metrics/log label of a request naming no model, before one is resolved
 UNKNOWN_LABEL = "(unknown)"  # ... naming a model this server does not serve: labels stay a bounded set
+UNREAD = "(unread)"  # ... of a call that ended before its message arrived
+NO_MESSAGE = "the call carried no request message"
+INLINE_ANSWER_BYTES = 64 << 10  # an answer that may be bigger is built and serialized off the event loop
 
 Req = TypeVar("Req")  # a decoded request message
-Resp = TypeVar("Resp")  # a response message
 
 
 @dataclass(kw_only=True, slots=True)
@@ -76,8 +82,9 @@ class Call:
     enforce_deadline: bool = False  # the handling ends the request at `deadline` (gRPC does at the client's own)
 
 
-# The domain work of one request: decoded message, the model it names, its completed Call -> response.
-Work = Callable[[Req, Servable, Call], Awaitable[Resp]]
+# The domain work of one request: decoded message, the model it names, its completed Call -> the
+# serialized response (`CallHandling.serialized` builds it, off the event loop when it is big).
+Work = Callable[[Req, Servable, Call], Awaitable[bytes]]
 
 
 @dataclass(frozen=True)
@@ -92,10 +99,16 @@ class Failed:
 
 
 class CallHandling:
-    def __init__(self, metrics: Metrics, default_timeout_s: float, model_names: Iterable[str]):
+    def __init__(
+        self, metrics: Metrics, default_timeout_s: float, model_names: Iterable[str], max_message_bytes: int = 64 << 20
+    ):
         self.registry: ModelRegistry | None = None  # set once the models are loaded and warm
         self.metrics = metrics
         self.default_timeout_s = default_timeout_s
+        self.max_message_bytes = max_message_bytes  # gRPC's send limit: no answer may be bigger
+        # One thread builds the big answers, one at a time: it holds the GIL while it works, and
+        # the event loop gets it back within a switch interval (5 ms) from one thread, not from many.
+        self._answers = ThreadPoolExecutor(1, thread_name_prefix="answers", initializer=threads.name_current)
         self._model_names = frozenset(model_names)
         self._errors = ErrorLog(log)
         self.gate = CallGate()
@@ -120,13 +133,30 @@ class CallHandling:
             reader.cancel()
 
     async def unary(
-        self, context: grpc.aio.ServicerContext, request: Req | Undecodable, call: Call, work: Work[Req, Resp]
-    ) -> Resp:
-        """One unary call: `work` answers it, or its status ends the call."""
+        self,
+        context: grpc.aio.ServicerContext,
+        requests: AsyncIterator[Req | Undecodable],
+        method: str,
+        call_of: Callable[[Req | Undecodable], Call],
+        work: Work[Req],
+    ) -> bytes:
+        """One unary call: `work` answers its message, or its status ends the call.
+
+        The method is registered as client-streaming (the same frames on the wire), so that this
+        runs as soon as the call arrives, before its message: a call that ends while its message
+        is still arriving is counted here too (as a unary method, gRPC would end it unseen)."""
         with self.gate.call():
             refuse = self.gate.draining
-            self._complete(call, context.time_remaining(), call.request_id or _request_id_of(context))
-            outcome = await self._answer(request, call, work, context, refuse=refuse)
+            started = time.perf_counter()
+            arrival = Call(method=method, model=UNREAD)
+            self._complete(arrival, context.time_remaining(), _request_id_of(context))
+            request = await self._receive(requests, arrival, context, started)
+            if isinstance(request, Failed):
+                outcome: bytes | Failed = request
+            else:
+                call = call_of(request)
+                self._complete(call, context.time_remaining(), call.request_id or arrival.request_id)
+                outcome = await self._answer(request, call, work, context, refuse=refuse, started=started)
             if isinstance(outcome, Failed):
                 if outcome.code == grpc.StatusCode.DEADLINE_EXCEEDED and _expired(context):
                     # gRPC is ending the call with DEADLINE_EXCEEDED itself; a status sent now
@@ -142,9 +172,9 @@ class CallHandling:
         requests: AsyncIterator[Req | Undecodable],
         context: grpc.aio.ServicerContext,
         call_of: Callable[[Req | Undecodable], Call],
-        work: Work[Req, Resp],
-        failed: Callable[[Req | Undecodable, Call, Failed], Resp],
-    ) -> AsyncIterator[Resp]:
+        work: Work[Req],
+        failed: Callable[[Req | Undecodable, Call, Failed], Message],
+    ) -> AsyncIterator[bytes]:
         """A pipelined stream: up to STREAM_WINDOW messages in flight, answered in completion order.
 
         Each message is described by `call_of` and answered by `work`; one that fails is answered
@@ -167,6 +197,24 @@ class CallHandling:
         )
         return result
 
+    async def serialized(self, build: Callable[[], Message], size: int) -> bytes:
+        """The answer `build()` makes, serialized; `size`: at most how big it can be (sizes.py).
+        A big one is built off the event loop (256 images with 1,000 classes each: 0.4 s of
+        Python), and one over the send limit fails its request alone, not the call or stream."""
+        if size <= INLINE_ANSWER_BYTES:
+            data = build().SerializeToString()
+        else:
+            loop = asyncio.get_running_loop()
+            data = await loop.run_in_executor(self._answers, lambda: build().SerializeToString())
+        if len(data) > self.max_message_bytes:
+            raise AnswerTooLarge(
+                f"the answer is {len(data)} bytes, over the {self.max_message_bytes} bytes message limit"
+            )
+        return data
+
+    def close(self) -> None:
+        self._answers.shutdown(wait=False, cancel_futures=True)
+
     def label(self, name: str) -> str:
         """The model's name for metrics and logs, from a bounded set whatever the client sends."""
         registry = self.registry
@@ -186,24 +234,45 @@ class CallHandling:
             deadline, enforce = now + call.timeout_s, True
         call.request_id, call.deadline, call.enforce_deadline = request_id, deadline, enforce
 
+    async def _receive(
+        self, requests: AsyncIterator[Req | Undecodable], call: Call, context: grpc.aio.ServicerContext, started: float
+    ) -> Req | Undecodable | Failed:
+        """A unary call's one message, by the call's deadline; a call that ends first is counted."""
+        try:
+            read = anext(aiter(requests), None)
+            request = await (within(read, call.deadline) if call.enforce_deadline else read)
+        except asyncio.CancelledError:
+            self._count(UNREAD, call.method, _ended(context, call), started)
+            raise
+        except DeadlineExceeded as exc:
+            failed = Failed(grpc.StatusCode.DEADLINE_EXCEEDED, str(exc))
+        else:
+            if request is not None:
+                return request
+            failed = Failed(grpc.StatusCode.INVALID_ARGUMENT, NO_MESSAGE)
+        self._count(UNREAD, call.method, failed.code, started)
+        return failed
+
     async def _answer(
         self,
         request: Req | Undecodable,
         call: Call,
-        work: Work[Req, Resp],
+        work: Work[Req],
         context: grpc.aio.ServicerContext,
         *,
         refuse: bool,
-    ) -> Resp | Failed:
+        started: float | None = None,
+    ) -> bytes | Failed:
         """Answer one request with `work`, or say how it failed. Counts it exactly once.
 
-        refuse: the call arrived while the server was draining."""
-        started = time.perf_counter()
+        refuse: the call arrived while the server was draining. started: when it arrived."""
+        started = time.perf_counter() if started is None else started
         label = self.label(call.model)
         code = grpc.StatusCode.OK
         try:
             if isinstance(request, Undecodable):
                 raise InvalidInput(request.reason)
+            check_id(call.request_id)
             if call.invalid:
                 raise InvalidInput(call.invalid)
             if refuse:
@@ -211,13 +280,11 @@ class CallHandling:
             job = work(request, self.models().get(call.model), call)
             return await (within(job, call.deadline) if call.enforce_deadline else job)
         except asyncio.CancelledError:
-            # the client went away, or the call's deadline passed and gRPC cancelled it (gRPC's
-            # own clock decides: ours may read a hair earlier)
-            expired = _expired(context) or time.monotonic() >= call.deadline - CLOCK_SLACK_S
-            code = grpc.StatusCode.DEADLINE_EXCEEDED if expired else grpc.StatusCode.CANCELLED
+            code = _ended(context, call)
             raise
         except Exception as exc:
             code, message = status_of(exc)
+            call.request_id = echoed(call.request_id)  # the failure's answer echoes it: never a huge one
             self._errors.failed(
                 code,
                 message,
@@ -228,9 +295,12 @@ class CallHandling:
             )
             forget_frames(exc)
         finally:
-            self.metrics.observe_request(label, call.method, code.name, time.perf_counter() - started)
-            self.answered += 1
+            self._count(label, call.method, code, started)
         return Failed(code, message)
+
+    def _count(self, label: str, method: str, code: grpc.StatusCode, started: float) -> None:
+        self.metrics.observe_request(label, method, code.name, time.perf_counter() - started)
+        self.answered += 1
 
     async def _until_port_closed(self, context: grpc.aio.ServicerContext) -> None:
         """While draining, hold an answer (or the end of a stream) until GOAWAY is out, so the
@@ -240,7 +310,7 @@ class CallHandling:
             await self.gate.port_closed(None if remaining is None else remaining - ANSWER_MARGIN_S)
 
 
-class _Stream(Generic[Req, Resp]):
+class _Stream(Generic[Req]):
     """One pipelined stream: a reader task reads messages while the stream has room for them and
     starts a handler task for each; the answers go out in the order they are ready.
 
@@ -253,8 +323,8 @@ class _Stream(Generic[Req, Resp]):
         requests: AsyncIterator[Req | Undecodable],
         context: grpc.aio.ServicerContext,
         call_of: Callable[[Req | Undecodable], Call],
-        work: Work[Req, Resp],
-        failed: Callable[[Req | Undecodable, Call, Failed], Resp],
+        work: Work[Req],
+        failed: Callable[[Req | Undecodable, Call, Failed], Message],
     ):
         self._handling = handling
         self._requests = requests
@@ -264,11 +334,11 @@ class _Stream(Generic[Req, Resp]):
         self._failed = failed
         self._request_id = _request_id_of(context)  # the stream's, for messages that carry none
         self._window = asyncio.Semaphore(STREAM_WINDOW)
-        self._answers: asyncio.Queue[Resp | None] = asyncio.Queue()
+        self._answers: asyncio.Queue[bytes | None] = asyncio.Queue()
         self._handlers: set[asyncio.Task[None]] = set()
         self._reader: asyncio.Task[None] | None = None
 
-    async def responses(self) -> AsyncGenerator[Resp, None]:
+    async def responses(self) -> AsyncGenerator[bytes, None]:
         self._reader = reader = asyncio.create_task(self._read())
         self._handling._readers.add(reader)
         reader.add_done_callback(self._handling._readers.discard)
@@ -310,7 +380,9 @@ class _Stream(Generic[Req, Resp]):
             outcome = await self._handling._answer(request, call, self._work, self._context, refuse=False)
         finally:
             self._window.release()
-        self._answers.put_nowait(self._failed(request, call, outcome) if isinstance(outcome, Failed) else outcome)
+        if isinstance(outcome, Failed):  # a small answer: an error and the echoed (short) names
+            outcome = self._failed(request, call, outcome).SerializeToString()
+        self._answers.put_nowait(outcome)
 
     def _handler_done(self, task: asyncio.Task[None]) -> None:
         self._handlers.discard(task)
@@ -323,7 +395,10 @@ class _Stream(Generic[Req, Resp]):
             self._answers.put_nowait(None)
 
 
-async def within(work: Awaitable[Resp], deadline: float) -> Resp:
+T = TypeVar("T")
+
+
+async def within(work: Awaitable[T], deadline: float) -> T:
     """`work`, or DeadlineExceeded once `deadline` (time.monotonic) passes."""
     try:
         return await asyncio.wait_for(work, deadline - time.monotonic())
@@ -337,6 +412,14 @@ def _request_id_of(context: grpc.aio.ServicerContext) -> str:
         if key == REQUEST_ID_HEADER:
             return value if isinstance(value, str) else ""
     return ""
+
+
+def _ended(context: grpc.aio.ServicerContext, call: Call) -> grpc.StatusCode:
+    """How a call that gRPC ended (it cancelled the handler) ended: its deadline passed (gRPC's
+    own clock decides; ours may read a hair earlier), or else the client cancelled it."""
+    if _expired(context) or time.monotonic() >= call.deadline - CLOCK_SLACK_S:
+        return grpc.StatusCode.DEADLINE_EXCEEDED
+    return grpc.StatusCode.CANCELLED
 
 
 def _expired(context: grpc.aio.ServicerContext) -> bool:

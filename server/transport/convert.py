@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from pathlib import PurePath
 
+from mobiserve.common.labels import Labels
 from mobiserve.server.errors import InvalidInput
 from mobiserve.server.serving import Classified, ImageInput, ModelDescription, RawTensor
+from mobiserve.server.transport.sizes import ERROR_BYTES, FIELD, MAX_ID_BYTES, NUMBER, longest_labels
 from mobiserve.v1 import classifier_pb2 as pb
 
 
@@ -59,3 +61,11 @@ def model_info(d: ModelDescription, is_default: bool, full_path: bool = False) -
         max_queue_size=d.max_queue_size,
         sha256=d.sha256,
     )
+
+
+def answer_bytes(images: int, top_k: int, model: str, labels: Labels) -> int:
+    """At most how big the answer to a request with `images` and `top_k` is (transport/sizes.py)."""
+    wnid, name = longest_labels(labels)
+    per_class = FIELD + NUMBER + FIELD + wnid + FIELD + name + 5  # index, wnid, name, float score
+    echoed = FIELD + MAX_ID_BYTES + FIELD + len(model.encode())
+    return echoed + images * (FIELD + top_k * per_class) + FIELD + 4 * NUMBER + FIELD + ERROR_BYTES

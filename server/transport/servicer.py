@@ -13,14 +13,14 @@ import grpc
 
 from mobiserve.server.serving import Servable, checked_top_k
 from mobiserve.server.transport.calls import Call, CallHandling, Failed
-from mobiserve.server.transport.convert import images_of, model_info, response_of
+from mobiserve.server.transport.convert import answer_bytes, images_of, model_info, response_of
 from mobiserve.server.transport.decode import Undecodable, lenient
+from mobiserve.server.transport.sizes import check_fits
 from mobiserve.server.transport.status import with_status
 from mobiserve.v1 import classifier_pb2 as pb
 from mobiserve.v1 import classifier_pb2_grpc as pb_grpc
 
 SERVICE = pb.DESCRIPTOR.services_by_name["Classifier"]
-COUNTED_UNARY = (f"/{SERVICE.full_name}/Classify",)  # unary methods counted in mobiserve_requests_total
 Request = pb.ClassifyRequest | Undecodable  # what gRPC hands the servicer (transport/decode.py)
 
 
@@ -28,17 +28,16 @@ def register(servicer: ClassifierServicer, server: grpc.aio.Server) -> None:
     """Add the servicer to the server, as the generated `add_ClassifierServicer_to_server` does,
     but with request deserializers that never raise: a message protobuf cannot parse reaches the
     servicer as Undecodable and gets INVALID_ARGUMENT (in a stream: an error answer, and the
-    stream goes on), instead of UNKNOWN from inside gRPC and, in a stream, the end of the stream."""
+    stream goes on), instead of UNKNOWN from inside gRPC and, in a stream, the end of the stream.
+
+    Classify is handled as client-streaming (the same frames on the wire: see `CallHandling.unary`),
+    and the inference methods answer with bytes they serialized themselves (`CallHandling.serialized`)."""
     handlers = {
-        "Classify": grpc.unary_unary_rpc_method_handler(
-            servicer.Classify,
-            request_deserializer=lenient(pb.ClassifyRequest),
-            response_serializer=pb.ClassifyResponse.SerializeToString,
+        "Classify": grpc.stream_unary_rpc_method_handler(
+            servicer.Classify, request_deserializer=lenient(pb.ClassifyRequest)
         ),
         "ClassifyStream": grpc.stream_stream_rpc_method_handler(
-            servicer.ClassifyStream,
-            request_deserializer=lenient(pb.ClassifyRequest),
-            response_serializer=pb.ClassifyResponse.SerializeToString,
+            servicer.ClassifyStream, request_deserializer=lenient(pb.ClassifyRequest)
         ),
         "ListModels": grpc.unary_unary_rpc_method_handler(
             servicer.ListModels,
@@ -55,12 +54,16 @@ class ClassifierServicer(pb_grpc.ClassifierServicer):
         self.handling = handling
         self.expose_model_paths = expose_model_paths  # ListModels: full paths only on an operator's opt-in
 
-    async def Classify(self, request: Request, context: grpc.aio.ServicerContext) -> pb.ClassifyResponse:
-        return await self.handling.unary(context, request, _call(request, "Classify"), self._classify)
-
-    async def ClassifyStream(
+    # The inference methods differ from the generated base on purpose (`register` says how)
+    async def Classify(  # type: ignore[override]
         self, request_iterator: AsyncIterator[Request], context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[pb.ClassifyResponse]:
+    ) -> bytes:
+        call_of = functools.partial(_call, method="Classify")
+        return await self.handling.unary(context, request_iterator, "Classify", call_of, self._classify)
+
+    async def ClassifyStream(  # type: ignore[override]
+        self, request_iterator: AsyncIterator[Request], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[bytes]:
         """Pipelined: many requests in flight, answered in completion order."""
         call_of = functools.partial(_call, method="ClassifyStream")
         async for response in self.handling.stream(request_iterator, context, call_of, self._classify, _failed):
@@ -75,10 +78,14 @@ class ClassifierServicer(pb_grpc.ClassifierServicer):
             models=[model_info(m.description, m.name == registry.default, self.expose_model_paths) for m in registry]
         )
 
-    async def _classify(self, request: pb.ClassifyRequest, model: Servable, call: Call) -> pb.ClassifyResponse:
-        top_k = checked_top_k(request.top_k, model.description.num_classes)
-        result = await self.handling.classify(model, images_of(request), call)
-        return response_of(call.request_id, result, top_k)
+    async def _classify(self, request: pb.ClassifyRequest, model: Servable, call: Call) -> bytes:
+        d = model.description
+        top_k = checked_top_k(request.top_k, d.num_classes)
+        images = images_of(request)
+        size = answer_bytes(len(images), top_k, d.name, d.labels)
+        check_fits(size, self.handling.max_message_bytes, "images or classes")
+        result = await self.handling.classify(model, images, call)
+        return await self.handling.serialized(lambda: response_of(call.request_id, result, top_k), size)
 
 
 def _call(request: Request, method: str) -> Call:

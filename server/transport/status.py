@@ -22,6 +22,7 @@ _CODES: list[tuple[type[Exception], grpc.StatusCode]] = [
     (errors.DeadlineExceeded, grpc.StatusCode.DEADLINE_EXCEEDED),
     (errors.Unavailable, grpc.StatusCode.UNAVAILABLE),
     (errors.InferenceFailed, grpc.StatusCode.INTERNAL),
+    (errors.AnswerTooLarge, grpc.StatusCode.INTERNAL),
 ]
 
 S = TypeVar("S")  # a servicer

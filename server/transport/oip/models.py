@@ -8,7 +8,7 @@ from pathlib import Path
 
 from mobiserve.inference import grpc_service_pb2 as pb
 from mobiserve.server.metrics import ModelStatistics
-from mobiserve.server.serving import ModelDescription
+from mobiserve.server.serving import ModelDescription, ModelRegistry
 from mobiserve.server.transport.oip.names import Face, every_name
 from mobiserve.server.transport.oip.tensors import BYTES, FP32, Tensor, input_tensor, output_tensors
 
@@ -32,6 +32,13 @@ def model_metadata(d: ModelDescription, face: Face) -> pb.ModelMetadataResponse:
         outputs=[tensor(t) for t in output_tensors(d)],
         properties=properties,
     )
+
+
+def model_ready(registry: ModelRegistry, model: str, version: str) -> bool:
+    """Whether served model `model` is served in `version`, read as ModelInfer and ModelMetadata
+    read them: no name is the default model, no version the one served."""
+    served = registry.models.get(model or registry.default)
+    return served is not None and version in ("", served.description.version)
 
 
 def model_config(d: ModelDescription, face: Face) -> pb.ModelConfig:

@@ -20,14 +20,27 @@ from mobiserve.server.errors import InvalidInput, ModelNotFound
 from mobiserve.server.serving import Servable
 from mobiserve.server.transport.calls import Call, CallHandling, Failed
 from mobiserve.server.transport.decode import Undecodable, lenient
-from mobiserve.server.transport.oip.models import model_config, model_metadata, model_statistics, repository_index
+from mobiserve.server.transport.oip.models import (
+    model_config,
+    model_metadata,
+    model_ready,
+    model_statistics,
+    repository_index,
+)
 from mobiserve.server.transport.oip.names import Face, face_of
-from mobiserve.server.transport.oip.tensors import images_of, integer_parameter, requested_outputs, response_of
+from mobiserve.server.transport.oip.tensors import (
+    answer_bytes,
+    images_of,
+    integer_parameter,
+    requested_outputs,
+    response_of,
+)
+from mobiserve.server.transport.sizes import check_fits, echoed
 from mobiserve.server.transport.status import with_status
 
 SERVICE = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"]
-COUNTED_UNARY = (f"/{SERVICE.full_name}/ModelInfer",)  # unary methods counted in mobiserve_requests_total
 EXTENSIONS = ("classification", "model_configuration", "statistics")
+INFERENCE = ("ModelInfer", "ModelStreamInfer")  # through CallHandling: counted, answered with bytes
 TIMEOUT = "timeout"  # request parameter: microseconds; a deadline like the call's own
 
 
@@ -43,12 +56,24 @@ def register(servicer: InferenceServicer, server: grpc.aio.Server) -> None:
     handlers = {}
     for method in SERVICE.methods:
         request, response = getattr(pb, method.input_type.name), getattr(pb, method.output_type.name)
-        kind = grpc.stream_stream_rpc_method_handler if method.client_streaming else grpc.unary_unary_rpc_method_handler
-        handlers[method.name] = kind(
-            getattr(servicer, method.name),
-            request_deserializer=lenient(request, model_field=1, id_field=3),  # ModelInferRequest's model_name, id
-            response_serializer=response.SerializeToString,
-        )
+        deserializer = lenient(request, model_field=1, id_field=3)  # ModelInferRequest's model_name, id
+        behaviour = getattr(servicer, method.name)
+        if method.name in INFERENCE:  # as Classifier's: client-streaming, answering with its own bytes
+            kind = (
+                grpc.stream_stream_rpc_method_handler
+                if method.server_streaming
+                else grpc.stream_unary_rpc_method_handler
+            )
+            handlers[method.name] = kind(behaviour, request_deserializer=deserializer)
+        else:
+            kind = (
+                grpc.stream_stream_rpc_method_handler
+                if method.client_streaming
+                else grpc.unary_unary_rpc_method_handler
+            )
+            handlers[method.name] = kind(
+                behaviour, request_deserializer=deserializer, response_serializer=response.SerializeToString
+            )
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE.full_name, handlers),))
     server.add_registered_method_handlers(SERVICE.full_name, handlers)
 
@@ -84,9 +109,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         """False (not an error) for a model this server does not serve, as a readiness probe expects."""
         registry = self.handling.registry
         name = self._face(request.name).model
-        ready = self.handling.ready and registry is not None and name in registry.models
-        if ready and registry is not None and request.version:
-            ready = registry.models[name].description.version == request.version
+        ready = self.handling.ready and registry is not None and model_ready(registry, name, request.version)
         return pb.ModelReadyResponse(ready=ready)
 
     @with_status
@@ -127,30 +150,42 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     ) -> pb.RepositoryIndexResponse:
         return repository_index([m.description for m in self.handling.models()], self.handling.ready)
 
-    async def ModelInfer(self, request: InferRequest, context: grpc.aio.ServicerContext) -> pb.ModelInferResponse:
-        return await self.handling.unary(context, request, self._call(request, "ModelInfer"), self._infer)
-
-    async def ModelStreamInfer(
+    # The inference methods differ from the generated base on purpose (`register` says how)
+    async def ModelInfer(  # type: ignore[override]
         self, request_iterator: AsyncIterator[InferRequest], context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[pb.ModelStreamInferResponse]:
+    ) -> bytes:
+        call_of = functools.partial(self._call, method="ModelInfer")
+        return await self.handling.unary(context, request_iterator, "ModelInfer", call_of, self._infer)
+
+    async def ModelStreamInfer(  # type: ignore[override]
+        self, request_iterator: AsyncIterator[InferRequest], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[bytes]:
         """Pipelined like ClassifyStream; a failed request is answered with error_message."""
         call_of = functools.partial(self._call, method="ModelStreamInfer")
         async for response in self.handling.stream(request_iterator, context, call_of, self._infer_streamed, _failed):
             yield response
 
-    async def _infer(self, request: pb.ModelInferRequest, model: Servable, call: Call) -> pb.ModelInferResponse:
+    async def _infer(self, request: pb.ModelInferRequest, model: Servable, call: Call) -> bytes:
+        return await self._answer(request, model, call, streamed=False)
+
+    async def _infer_streamed(self, request: pb.ModelInferRequest, model: Servable, call: Call) -> bytes:
+        return await self._answer(request, model, call, streamed=True)
+
+    async def _answer(self, request: pb.ModelInferRequest, model: Servable, call: Call, *, streamed: bool) -> bytes:
         d = model.description
         face = self._face(request.model_name)
         _check_version(face.name or d.name, d.version, request.model_version)
         images = images_of(request, d, face)
         outputs = requested_outputs(request, d, face)
+        size = answer_bytes(d, face, len(images), outputs)
+        check_fits(size, self.handling.max_message_bytes, "images or classifications")
         result = await self.handling.classify(model, images, call)
-        return response_of(call.request_id, d, face, result.scores, outputs)
 
-    async def _infer_streamed(
-        self, request: pb.ModelInferRequest, model: Servable, call: Call
-    ) -> pb.ModelStreamInferResponse:
-        return pb.ModelStreamInferResponse(infer_response=await self._infer(request, model, call))
+        def build() -> pb.ModelInferResponse | pb.ModelStreamInferResponse:
+            response = response_of(call.request_id, d, face, result.scores, outputs)
+            return pb.ModelStreamInferResponse(infer_response=response) if streamed else response
+
+        return await self.handling.serialized(build, size)
 
     def _call(self, request: InferRequest, method: str) -> Call:
         """The call to the served model the name means (either face: names.py)."""
@@ -178,7 +213,7 @@ def _failed(request: InferRequest, call: Call, why: Failed) -> pb.ModelStreamInf
         name, version = request.model, ""
     else:
         name, version = request.model_name, request.model_version
-    echo = pb.ModelInferResponse(model_name=name, model_version=version, id=call.request_id)
+    echo = pb.ModelInferResponse(model_name=echoed(name), model_version=echoed(version), id=call.request_id)
     return pb.ModelStreamInferResponse(error_message=why.message, infer_response=echo)
 
 

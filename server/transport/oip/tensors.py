@@ -12,15 +12,17 @@ probable first (the protocol's classification extension, scores being the output
 from __future__ import annotations
 
 import struct
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
 from mobiserve.inference import grpc_service_pb2 as pb
-from mobiserve.server.errors import InvalidInput
+from mobiserve.server.errors import InvalidInput, shown
 from mobiserve.server.serving import ImageInput, ImageScores, ModelDescription, RawTensor
 from mobiserve.server.transport.oip.names import Face, image_name
+from mobiserve.server.transport.sizes import ERROR_BYTES, FIELD, MAX_ID_BYTES, NUMBER, longest_labels
 
 ENCODED_INPUT = "encoded_image"
 CLASSIFICATION = "classification"
@@ -89,6 +91,10 @@ def requested_outputs(request: pb.ModelInferRequest, d: ModelDescription, face: 
     """What to answer with: every output when the request names none."""
     if not request.outputs:
         return [Requested(d.output_name)]
+    # each output at most once: the answer's size (and the work of building it) stays bounded by the model's
+    name, times = Counter(output.name for output in request.outputs).most_common(1)[0]
+    if times > 1:
+        raise InvalidInput(f"output {shown(name)} is asked for {times} times; ask for each output once")
     requested = []
     for output in request.outputs:
         if output.name != d.output_name:
@@ -187,3 +193,16 @@ def _elements(raw: bytes) -> list[bytes]:
         elements.append(bytes(view[at : at + n]))
         at += n
     return elements
+
+
+def answer_bytes(d: ModelDescription, face: Face, images: int, requested: Sequence[Requested]) -> int:
+    """At most how big the answer to a request for `images` and `requested` is (transport/sizes.py),
+    in a stream too (its wrapper and error message included)."""
+    _, name = longest_labels(d.labels)
+    # "score:index:label": a float32 printed with "%f" is at most 47 characters
+    element = _LENGTH.size + 47 + 1 + len(str(d.num_classes)) + 1 + name
+    total = 4 * FIELD + len((face.name or d.name).encode()) + len(d.version.encode()) + MAX_ID_BYTES + ERROR_BYTES
+    for want in requested:
+        total += 4 * FIELD + len(want.name.encode()) + len(BYTES) + 2 * NUMBER  # the output's metadata
+        total += FIELD + images * (want.classes * element if want.classes else d.num_classes * 4)
+    return total
