@@ -85,6 +85,34 @@ def _add_serve(sub: Subcommands) -> None:
         default=None,
         help="ListModels reports each model's full path on this machine (default: its file name only)",
     )
+    lanes = p.add_argument_group("priorities", "interactive and bulk lanes (see docs/serving.md#priorities)")
+    lanes.add_argument(
+        "--default-priority-level",
+        type=int,
+        default=0,
+        help="level of a request that asks for none: 1 interactive, 2 bulk "
+        "(0: by RPC, unary calls interactive, streams bulk)",
+    )
+    lanes.add_argument("--bulk-max-batch-size", type=int, default=8, help="images per bulk batch at most")
+    lanes.add_argument(
+        "--bulk-max-queue-size",
+        type=int,
+        default=64,
+        help="bulk images waiting per model; a stream whose bulk lane is full is not read until there is room "
+        "(0: no limit)",
+    )
+    lanes.add_argument(
+        "--bulk-min-share",
+        type=float,
+        default=0.2,
+        help="share of inference time bulk work keeps while it has work, whatever interactive work wants",
+    )
+    lanes.add_argument(
+        "--bulk-nice",
+        type=int,
+        default=None,
+        help="bulk work's threads run at an OS priority lowered by this nice value (default 3; 0: as interactive)",
+    )
     c = p.add_argument_group("connections", "idle and age limits, keepalive pings (seconds; see docs/operations.md)")
     c.add_argument(
         "--max-connection-idle",
@@ -159,6 +187,7 @@ def _server_config(args: argparse.Namespace) -> ServerConfig:
         "host": args.host,
         "port": args.port,
         "preprocess_threads": args.preprocess_threads,
+        "bulk_nice": args.bulk_nice,
         "workers": args.workers,
         "pin_cpus": args.pin_cpus,
         "max_images_per_request": args.max_images_per_request,
@@ -193,6 +222,10 @@ def _server_config(args: argparse.Namespace) -> ServerConfig:
         "instances": args.instances,
         "intra_op_threads": args.intra_op_threads,
         "allow_spinning": args.allow_spinning,
+        "default_priority_level": args.default_priority_level,
+        "bulk_max_batch_size": args.bulk_max_batch_size,
+        "bulk_max_queue_size": args.bulk_max_queue_size,
+        "bulk_min_share": args.bulk_min_share,
     }
     if args.synsets:
         knobs["synsets"] = args.synsets

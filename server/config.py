@@ -14,6 +14,7 @@ TOML (paths relative to the file):
     max_queue_delay_ms = 0.0
     instances = 1
     intra_op_threads = 2
+    bulk_max_batch_size = 8         # the lanes: docs/serving.md#priorities
 """
 
 from __future__ import annotations
@@ -36,14 +37,36 @@ class ModelConfig:
     version: str = "1"
     max_batch_size: int = 32
     max_queue_delay_ms: float = 0.0
-    max_queue_size: int = 1024  # images waiting for a batch; 0 = unbounded
+    max_queue_size: int = 1024  # interactive lane: images waiting for a batch; 0 = unbounded
     instances: int = 0  # 0: one per 4 cores
     intra_op_threads: int = 0  # 0: the cores divided among instances
     allow_spinning: bool = False
+    # Priorities and lanes (docs/serving.md#priorities), named after Triton's dynamic_batching
+    # settings: requests ask for a level, 1 (most urgent) .. priority_levels; levels up to
+    # interactive_levels are served in the interactive lane, the others in the bulk lane.
+    priority_levels: int = 2
+    interactive_levels: int = 1
+    default_priority_level: int = 0  # a request that asks for none (0: by RPC, unary 1, streams the last)
+    bulk_max_queue_size: int = 64  # bulk lane: images waiting; a full lane stops reading streams (0 = unbounded)
+    bulk_max_batch_size: int = 8  # images per bulk batch: what an interactive image may wait behind
+    bulk_min_share: float = 0.2  # of inference time, guaranteed to bulk work while it has some
 
     def __post_init__(self) -> None:
-        _at_least(self, 1, "max_batch_size")
+        _at_least(self, 1, "max_batch_size", "priority_levels", "bulk_max_batch_size")
         _at_least(self, 0, "max_queue_delay_ms", "max_queue_size", "instances", "intra_op_threads")
+        _at_least(self, 0, "interactive_levels", "default_priority_level", "bulk_max_queue_size")
+        if self.interactive_levels > self.priority_levels:
+            raise ValueError(
+                f"interactive_levels ({self.interactive_levels}) must be at most "
+                f"priority_levels ({self.priority_levels})"
+            )
+        if self.default_priority_level > self.priority_levels:
+            raise ValueError(
+                f"default_priority_level must be 0 (by RPC) or a level from 1 to priority_levels "
+                f"({self.priority_levels}), got {self.default_priority_level}"
+            )
+        if not 0 <= self.bulk_min_share < 1:
+            raise ValueError(f"bulk_min_share must be at least 0 and below 1, got {self.bulk_min_share}")
 
     def resolved(self) -> ModelConfig:
         """Fill the CPU-derived defaults for this machine."""
@@ -61,7 +84,8 @@ class ServerConfig:
     max_message_bytes: int = 64 << 20
     max_images_per_request: int = 256
     max_pixels: int = 50_000_000
-    preprocess_threads: int = 0  # 0: one per core this process may use
+    preprocess_threads: int = 0  # 0: one per core this process may use (per lane)
+    bulk_nice: int = 3  # bulk work's threads run at an OS priority lowered by this (nice; 0: as interactive)
     workers: int = 1  # server processes on the port (server/workers.py); 0: one per 4 cores
     pin_cpus: bool = False  # pin each worker to its share of the cores
     default_timeout_s: float = 30.0  # when the client sets no deadline
@@ -88,6 +112,8 @@ class ServerConfig:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         _at_least(self, 1, "max_message_bytes", "max_images_per_request", "max_pixels")
         _at_least(self, 0, "preprocess_threads", "workers")
+        if not 0 <= self.bulk_nice <= 19:
+            raise ValueError(f"bulk_nice must be between 0 and 19 (a nice value), got {self.bulk_nice}")
         if self.default_timeout_s <= 0:
             raise ValueError(f"default_timeout_s must be positive, got {self.default_timeout_s}")
         if not self.models:
