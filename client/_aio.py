@@ -20,13 +20,38 @@ from mobiserve.client._images import ImageLike, image_of, is_cheap
 from mobiserve.client._options import ChannelOptions
 from mobiserve.client._results import Classification, ModelInfo, classification_of, model_info_of
 from mobiserve.v1 import classifier_pb2 as pb
+from mobiserve.v1 import classifier_pb2_grpc as pb_grpc
 
 
 class AsyncClient(ClientBase):
     """An asyncio client over one grpc.aio channel; `async with AsyncClient(...) as c:`.
 
-    Create it inside a running event loop. The settings are `ClientBase`'s.
+    It may be made anywhere, also at import time with no event loop running (as web backends make
+    their HTTP clients): its channels open on its first call, in that call's event loop, and it
+    then belongs to that loop; a call from another loop raises a RuntimeError that says so,
+    rather than gRPC's "attached to a different loop". The settings are `ClientBase`'s.
     """
+
+    _opens_at_once = False
+    _loop: asyncio.AbstractEventLoop | None = None
+
+    def _bound(self) -> None:
+        """Open the channels in the running loop on the first call; refuse calls from another loop."""
+        loop = asyncio.get_running_loop()
+        if self._loop is None:
+            self._open()
+            self._loop = loop
+        elif loop is not self._loop:
+            raise RuntimeError(
+                "mobiserve AsyncClient: this client's channels belong to the event loop of its first call, and "
+                "this call runs in another loop. Use one client per event loop: in a web backend, make it in the "
+                "app's lifespan (docs/client.md, 'In a web backend')"
+            )
+
+    @property
+    def _stub(self) -> pb_grpc.ClassifierStub:
+        self._bound()
+        return next(self._stubs)
 
     def _channel(self, options: ChannelOptions, credentials: grpc.ChannelCredentials | None) -> grpc.aio.Channel:
         if credentials is None:
@@ -101,6 +126,7 @@ class AsyncClient(ClientBase):
         """The server's health (the standard gRPC health service): "SERVING", "NOT_SERVING" (loading,
         draining) or "SERVICE_UNKNOWN"; `service` "" is the whole server. Raises `Unavailable`
         when nothing answers."""
+        self._bound()
         try:
             with translated():
                 return _health.decode(await self._check(_health.encode(service), timeout=self._timeout(timeout)))
@@ -108,6 +134,8 @@ class AsyncClient(ClientBase):
             return _health.UNKNOWN_SERVICE
 
     async def close(self) -> None:
+        if self._loop is None:
+            return  # never used: nothing was opened
         for channel in [*self._channels, self._health_channel]:
             await channel.close()
 

@@ -260,9 +260,8 @@ async def create_app(config: ServerConfig, worker: Worker | None = None) -> App:
         thread_name_prefix="preprocess",
         initializer=threads.name_current,
     )
-    tls = "mutual" if config.tls_client_ca else "server" if credentials else "off"
-    event = "listening" if worker is None else "worker_listening"
-    log.info("event=%s address=%s:%d tls=%s metrics_port=%d", event, config.host, port, tls, metrics_port)
+    if worker is None:  # a worker listens once its models are loaded: _load_worker says so then
+        log.info("event=listening address=%s:%d tls=%s metrics_port=%d", config.host, port, _tls(config), metrics_port)
     if not credentials and not _is_loopback(config.host):
         log.warning(
             "event=insecure_bind address=%s:%d message=%r",
@@ -272,6 +271,10 @@ async def create_app(config: ServerConfig, worker: Worker | None = None) -> App:
             "give --tls-cert/--tls-key",
         )
     return App(config, server, port, health_servicer, calls, servicer, inference, metrics, pool, metrics_server, worker)
+
+
+def _tls(config: ServerConfig) -> str:
+    return "mutual" if config.tls_client_ca else "server" if config.tls_cert else "off"
 
 
 def _reflection_pool() -> descriptor_pool.DescriptorPool:
@@ -366,6 +369,7 @@ async def _load_worker(app: App, worker: Worker) -> None:
     worker is ready (health says NOT_SERVING until the whole server can take its load)."""
     await app.load_models()
     await app.server.start()
+    log.info("event=worker_listening address=%s:%d tls=%s", app.config.host, app.port, _tls(app.config))
     worker.ready.put((worker.index, "ready"))
     loop = asyncio.get_running_loop()
     while not await loop.run_in_executor(None, worker.all_ready.wait, 0.5):

@@ -21,6 +21,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from mobiserve.bench import servers
 from mobiserve.bench.servers import ServerProcess, free_port
+from mobiserve.common import command
 from mobiserve.server.app import App, create_app
 from mobiserve.server.config import ModelConfig, ServerConfig
 from mobiserve.v1 import classifier_pb2 as pb
@@ -92,6 +93,18 @@ def serve(
 def run(*args: str, timeout: float = 120, **kw: object) -> subprocess.CompletedProcess[str]:
     """The `mobiserve` command, as a user runs it."""
     return subprocess.run([MOBISERVE, *args], capture_output=True, text=True, timeout=timeout, **kw)  # type: ignore[call-overload]
+
+
+def cli(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
+    """`mobiserve ARGS` in this process, as a user runs it but without starting Python again:
+    (exit code, stdout, stderr). From an async test whose server runs in this process, call it
+    through asyncio.to_thread."""
+    try:
+        code = command.main(list(args))
+    except SystemExit as exc:  # argparse's usage errors and --help
+        code = int(exc.code or 0)
+    out, err = capsys.readouterr()
+    return code, out, err
 
 
 def threads_of(pid: int) -> int:

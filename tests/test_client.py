@@ -245,3 +245,16 @@ async def test_connections_opens_that_many_connections_and_spreads_calls(server:
     assert len({a.top.index for a in answers}) == 1
     with pytest.raises(ValueError, match="connections"):
         Client(target_of(server), connections=0)
+
+
+async def test_an_async_client_opens_in_its_first_calls_loop_and_refuses_another(server: App) -> None:
+    """Made with no event loop running (at import time, as web backends make their clients), it
+    works in the loop of its first call; a call from another loop is refused in words."""
+    client = await asyncio.to_thread(AsyncClient, f"127.0.0.1:{server.port}")
+    try:
+        assert await client.health() == "SERVING"
+        with pytest.raises(RuntimeError, match="belong to the event loop of its first call.*lifespan"):
+            await asyncio.to_thread(asyncio.run, client.health())
+        assert [m.name for m in await client.list_models()] == ["int8"]
+    finally:
+        await client.close()

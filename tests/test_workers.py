@@ -64,6 +64,13 @@ def test_workers_share_one_port_and_their_metrics_add_up(supervised: tuple[Serve
     server, metrics_port = supervised
     pids = list(worker_pids(server).values())
     assert len(pids) == WORKERS and server.log.count("event=worker_serving") == WORKERS
+    for index in range(WORKERS):  # each worker listens only once its models are loaded, as documented
+        events = re.findall(rf"worker={index} event=(\w+)", server.log)
+        assert [e for e in events if e in ("model_loaded", "worker_listening", "worker_serving")][:3] == [
+            "model_loaded",
+            "worker_listening",
+            "worker_serving",
+        ], events
     with Client(server.target, connections=8) as client:
         assert client.health() == "SERVING"
         answers = [client.classify(jpeg) for _ in range(40)]

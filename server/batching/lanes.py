@@ -31,8 +31,8 @@ class Lane:
     min_share: float = 0.0
 
     def __post_init__(self) -> None:
-        if self.max_queue_size < 0 or self.max_batch_size < 0 or not 0 <= self.min_share < 1:
-            raise ValueError(f"lane {self.name!r}: sizes must be >= 0 and min_share in [0, 1)")
+        if self.max_queue_size < 0 or self.max_batch_size < 0 or not 0 <= self.min_share <= 1:
+            raise ValueError(f"lane {self.name!r}: sizes must be >= 0 and min_share in [0, 1]")
 
 
 class LaneQueue(Generic[P]):

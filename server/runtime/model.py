@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
+from mobiserve.common import zoo
 from mobiserve.common.labels import Labels
 from mobiserve.common.zoo import sha256_of
 from mobiserve.server import threads
@@ -75,7 +76,7 @@ class Model:
             sessions = threads.run_at_lower_priority(nice, open_regular)
         except Exception as exc:  # onnxruntime raises its own Fail/InvalidProtobuf/... types
             first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise ModelLoadError(f"cannot load {path} with onnxruntime: {first_line}") from None
+            raise ModelLoadError(f"cannot load {path} with onnxruntime: {first_line}{_repair(Path(path))}") from None
         self.input_name, self.output_name, self.num_classes = _check_signature(sessions[0], path)
         if self.num_classes != len(labels):
             raise ModelLoadError(
@@ -145,6 +146,17 @@ class Model:
     def _run(self, session: ort.InferenceSession, batch: np.ndarray) -> np.ndarray:
         logits: np.ndarray = session.run([self.output_name], {self.input_name: batch})[0]
         return logits
+
+
+def _repair(path: Path) -> str:
+    """For a file named as one of the zoo's: how to fetch it again."""
+    model = zoo.by_filename(path)
+    if model is None:
+        return ""
+    return (
+        f". It is named as the zoo's {model.name} model, so it may be damaged or cut short: "
+        f"`mobiserve models pull {model.name} --dir {path.parent}` fetches it again"
+    )
 
 
 def _check_signature(session: ort.InferenceSession, path: str | Path) -> tuple[str, str, int]:

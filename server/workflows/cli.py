@@ -23,7 +23,8 @@ if TYPE_CHECKING:  # the workflows import onnxruntime's quantizer and numpy: onl
     from mobiserve.server.runtime.model import Model
     from mobiserve.server.workflows.evaluate import Accuracy, Skipped
 
-METHODS = ("minmax", "entropy", "percentile")  # quantize.METHODS maps them to onnxruntime's
+METHODS = ("minmax", "entropy", "percentile")
+EVALUATE_BATCH_SIZES = [1, 8, 16, 32]  # quantize.METHODS maps them to onnxruntime's
 
 # The card's table (ONNX model zoo, MobileNetV2-1.0 vs its int8, ImageNet validation, Xeon 8280, batch 1).
 CARD_FP32, CARD_INT8, CARD_SPEEDUP = (0.6948, 0.8926), (0.6830, 0.8844), 1.05
@@ -44,12 +45,16 @@ def register(sub: Subcommands) -> None:
         "--batch-size",
         type=int,
         nargs="+",
-        default=[1, 8, 16, 32],
+        default=EVALUATE_BATCH_SIZES,
         metavar="N",
-        help="batch sizes to time side by side (accuracy runs at the largest)",
+        help="batch sizes to time side by side; accuracy runs at the largest "
+        f"(default: {' '.join(map(str, EVALUATE_BATCH_SIZES))})",
     )
     p.add_argument(
-        "--rounds", type=int, default=20, help="timing rounds, each running every batch size once (0: accuracy only)"
+        "--rounds",
+        type=int,
+        default=20,
+        help="timing rounds, each running every batch size once (default: %(default)s; 0: accuracy only)",
     )
     p.set_defaults(func=_evaluate)
 
@@ -61,20 +66,25 @@ def register(sub: Subcommands) -> None:
         "--per-channel",
         action=argparse.BooleanOptionalAction,
         default=True,
-        help="one weight scale per output channel (needs opset 13; older models are upgraded)",
+        help="one weight scale per output channel (needs opset 13; older models are upgraded; default: on)",
     )
-    q.add_argument("--method", choices=METHODS, default="minmax", help="calibration method")
+    q.add_argument("--method", choices=METHODS, default="minmax", help="calibration method (default: %(default)s)")
     q.add_argument(
         "--calibration-count",
         type=int,
         default=100,
         metavar="N",
-        help="images to calibrate on, spread over the folder; the rest are held out for the comparison",
+        help="images to calibrate on, spread over the folder; the rest are held out for the comparison "
+        "(default: %(default)s)",
     )
     q.add_argument("--eval", metavar="DIR", help="labelled images to compare on, instead of the held-out ones")
     _common(q)
-    q.add_argument("--batch-size", type=int, default=32, metavar="N", help="batch size of the accuracy runs")
-    q.add_argument("--rounds", type=int, default=50, help="interleaved batch-1 timing runs of each model")
+    q.add_argument(
+        "--batch-size", type=int, default=32, metavar="N", help="batch size of the accuracy runs (default: %(default)s)"
+    )
+    q.add_argument(
+        "--rounds", type=int, default=50, help="interleaved batch-1 timing runs of each model (default: %(default)s)"
+    )
     q.set_defaults(func=_quantize)
 
 
@@ -82,9 +92,11 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--synsets",
         default=str(IMAGENET_SYNSETS),
-        help="labels file, '<wnid> <name>' per line in output order (default: ImageNet-1k)",
+        help="labels file, '<wnid> <name>' per line in output order (default: ImageNet-1k, shipped with mobiserve)",
     )
-    p.add_argument("--threads", type=int, default=0, help="onnxruntime intra-op threads (0: all cores)")
+    p.add_argument(
+        "--threads", type=int, default=0, help="onnxruntime intra-op threads (default %(default)s: all cores)"
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
 
 

@@ -1,8 +1,9 @@
 """inference.GRPCInferenceService: Open Inference Protocol messages <-> the domain layer.
 
 Inference goes through the same `Calls` as mobiserve.v1.Classifier (same batchers, status
-mapping, metrics, drain gate and error log); this module only converts. Each served model is a
-model of the protocol under the same name (an empty name means the default model).
+mapping, metrics, drain gate and error log); this module only converts. Each served model is two
+models of the protocol (names.py): the network under its own name, and its image face (an empty
+name means the default model's network).
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ from mobiserve.server.errors import InvalidInput, ModelNotFound
 from mobiserve.server.serving import ModelRegistry, Servable
 from mobiserve.server.transport.calls import Calls, Failed, within
 from mobiserve.server.transport.decode import Undecodable, lenient, refusing_undecodable
-from mobiserve.server.transport.oip.models import model_config, model_metadata, model_statistics
+from mobiserve.server.transport.oip.models import model_config, model_metadata, model_statistics, repository_index
+from mobiserve.server.transport.oip.names import Face, face_of
 from mobiserve.server.transport.oip.tensors import images_of, integer_parameter, requested_outputs, response_of
 from mobiserve.server.transport.status import status_of
 
@@ -81,9 +83,10 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     ) -> pb.ModelReadyResponse:
         """False (not an error) for a model this server does not serve, as a readiness probe expects."""
         registry = self.calls.registry
-        ready = self.calls.ready and registry is not None and request.name in registry.models
+        name = self._face(request.name).model
+        ready = self.calls.ready and registry is not None and name in registry.models
         if ready and registry is not None and request.version:
-            ready = registry.models[request.name].description.version == request.version
+            ready = registry.models[name].description.version == request.version
         return pb.ModelReadyResponse(ready=ready)
 
     async def ServerMetadata(
@@ -94,25 +97,36 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def ModelMetadata(
         self, request: pb.ModelMetadataRequest, context: grpc.aio.ServicerContext
     ) -> pb.ModelMetadataResponse:
-        model = await self._model(request.name, request.version, context)
-        return model_metadata(model.description)
+        face = self._face(request.name)
+        model = await self._model(face.model, request.version, context)
+        return model_metadata(model.description, face)
 
     async def ModelConfig(
         self, request: pb.ModelConfigRequest, context: grpc.aio.ServicerContext
     ) -> pb.ModelConfigResponse:
-        model = await self._model(request.name, request.version, context)
-        return pb.ModelConfigResponse(config=model_config(model.description))
+        face = self._face(request.name)
+        model = await self._model(face.model, request.version, context)
+        return pb.ModelConfigResponse(config=model_config(model.description, face))
 
     async def ModelStatistics(
         self, request: pb.ModelStatisticsRequest, context: grpc.aio.ServicerContext
     ) -> pb.ModelStatisticsResponse:
-        """One model's, or (no name) every model's."""
+        """One model's (either face's), or (no name) every served model's."""
+        face = self._face(request.name)
         if request.name:
-            models = [await self._model(request.name, request.version, context)]
+            models = [await self._model(face.model, request.version, context)]
         else:
             models = list(await self._registry(context))
         stats = self.calls.metrics.statistics
-        return pb.ModelStatisticsResponse(model_stats=[model_statistics(m.description, stats(m.name)) for m in models])
+        return pb.ModelStatisticsResponse(
+            model_stats=[model_statistics(m.description, stats(m.name), request.name) for m in models]
+        )
+
+    async def RepositoryIndex(
+        self, request: pb.RepositoryIndexRequest, context: grpc.aio.ServicerContext
+    ) -> pb.RepositoryIndexResponse:
+        registry = await self._registry(context)
+        return repository_index([m.description for m in registry], self.calls.ready)
 
     async def ModelInfer(self, request: InferRequest, context: grpc.aio.ServicerContext) -> pb.ModelInferResponse:
         return await self.calls.unary(context, functools.partial(self._infer, request, "ModelInfer", context))
@@ -150,22 +164,23 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         async def work(model: Servable) -> pb.ModelInferResponse:
             assert not isinstance(request, Undecodable)  # refused by answer(invalid=...)
             d = model.description
-            _check_version(d.name, d.version, request.model_version)
+            _check_version(face.name or d.name, d.version, request.model_version)
             timeout_s = _timeout_s(request)
-            images = images_of(request, d)
-            outputs = requested_outputs(request, d)
+            images = images_of(request, d, face)
+            outputs = requested_outputs(request, d, face)
             job = model.classify(images, min(deadline, time.monotonic() + timeout_s) if timeout_s else deadline)
             result = await (within(job, time.monotonic() + timeout_s) if timeout_s else job)
             self.calls.observe(result)
-            return response_of(request, d, result.scores, outputs)
+            return response_of(request, d, face, result.scores, outputs)
 
         if isinstance(request, Undecodable):
             model, request_id, invalid = request.model, request.request_id, request.reason
         else:
             model, request_id, invalid = request.model_name, request.id, ""
+        face = self._face(model)
         return await self.calls.answer(
             method=method,
-            model=model,
+            model=face.model,
             request_id=request_id,
             context=context,
             deadline=deadline,
@@ -174,6 +189,10 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             work=work,
             invalid=invalid,
         )
+
+    def _face(self, name: str) -> Face:
+        registry = self.calls.registry
+        return face_of(name, registry.models if registry is not None else ())
 
     async def _registry(self, context: grpc.aio.ServicerContext) -> ModelRegistry:
         registry = self.calls.registry
