@@ -7,8 +7,8 @@ that carried them have run. Items, not requests, are the unit: a request's input
 batch with other requests' inputs and may span several batches. A batch holds one lane's items.
 
 Which lane a free session serves (`_choose`): the most urgent lane with queued work, unless a
-less urgent one has work and has had less than its `min_share` of the sessions' recent time (the
-share guard: a flood of urgent work cannot stop the rest for ever). Each lane caps its batches
+less urgent one has work and has had less than its `min_share` of the regular sessions' recent
+time (the share guard: a flood of urgent work cannot stop the rest for ever). Each lane caps its batches
 (`Lane.max_batch_size`), so urgent work waits for at most one capped batch per session; `spare`
 sessions serve only the most urgent lane, so while every regular session runs less urgent
 batches, urgent work need not wait for one at all.
@@ -284,7 +284,8 @@ class Batcher(Generic[I, T, R]):
         except Exception as exc:
             raise self._failed(1, exc) from None
         took = loop.time() - started - preprocess_s
-        self._record(lane, self._now() - clock_started, Ran(lane.name, 1, took, (0.0,), False))
+        session_s = self._now() - clock_started if not spare else 0.0
+        self._record(lane, session_s, Ran(lane.name, 1, took, (0.0,), False))
         return Answered([result], preprocess_s, 0.0, took, 1, lane.name)
 
     # ----------------------------------------------------------------------------------- scheduling
@@ -387,7 +388,8 @@ class Batcher(Generic[I, T, R]):
         return self._clock() if self._clock is not None else asyncio.get_running_loop().time()
 
     def _record(self, lane: LaneQueue[_Pending[T, R]], clock_s: float, ran: Ran) -> None:
-        """A batch's session time, for the share guard, and its figures, for the metrics."""
+        """A batch's time on a regular session (0 for a spare one), for the share guard, and its
+        figures, for the metrics."""
         now = self._now()
         factor = decay(now - self._recorded_at) if self._recorded_at is not None else 1.0
         self._recorded_at = now
@@ -416,7 +418,8 @@ class Batcher(Generic[I, T, R]):
         else:
             run = _Run(started, loop.time() - started, len(batch))
             waits = tuple(started - p.enqueued for p in batch)
-            self._record(lane, self._now() - clock_started, Ran(lane.name, run.size, run.took, waits, guarded))
+            session_s = self._now() - clock_started if slot == REGULAR else 0.0
+            self._record(lane, session_s, Ran(lane.name, run.size, run.took, waits, guarded))
             for p, value in zip(batch, results):
                 _set_result(p.future, (value, run))
         finally:
