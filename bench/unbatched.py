@@ -40,9 +40,8 @@ from mobiserve.server.serving import (
     describe,
     run_whole,
 )
-from mobiserve.server.transport.calls import Calls
-from mobiserve.server.transport.servicer import ClassifierServicer
-from mobiserve.v1 import classifier_pb2_grpc as pb_grpc
+from mobiserve.server.transport.calls import CallHandling
+from mobiserve.server.transport.servicer import ClassifierServicer, register
 
 NAME = "unbatched"
 log = logging.getLogger("mobiserve.bench.unbatched")
@@ -98,9 +97,9 @@ async def serve(model_path: str, host: str, port: int, threads: int, intra_op_th
     model.warm_up(1)
     server = grpc.aio.server(options=[("grpc.max_receive_message_length", 256 << 20), ("grpc.so_reuseport", 0)])
     os_threads.name_grpc_poller()
-    calls = Calls(Metrics(), default_timeout_s=30.0, model_names=[NAME])
-    calls.registry = ModelRegistry([UnbatchedModel(model, threads)], NAME)
-    pb_grpc.add_ClassifierServicer_to_server(ClassifierServicer(calls), server)
+    handling = CallHandling(Metrics(), default_timeout_s=30.0, model_names=[NAME])
+    handling.registry = ModelRegistry([UnbatchedModel(model, threads)], NAME)
+    register(ClassifierServicer(handling), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     port = server.add_insecure_port(f"{host}:{port}")

@@ -71,7 +71,6 @@ class Supervisor:
     log_level: str = "INFO"
     _ctx: Any = field(default_factory=lambda: mp.get_context("spawn"))
     _slots: list[_Worker] = field(default_factory=list)
-    _stopping: bool = False
     _failure: str = ""
 
     async def run(self) -> int:
@@ -187,7 +186,6 @@ class Supervisor:
 
     async def _drain(self) -> int:
         """Forward SIGTERM to every worker and wait for all of them; 0 if all exited 0."""
-        self._stopping = True
         alive = [s.process for s in self._slots if s.process is not None]
         for process in alive:
             if process.pid is not None and process.exitcode is None:
@@ -212,11 +210,12 @@ def _worker_main(
         os.sched_setaffinity(0, cpus)
     from mobiserve.server import app
     from mobiserve.server.errors import ModelLoadError
+    from mobiserve.server.handshake import Handshake
     from mobiserve.server.logs import configure
 
     configure(log_level, worker=index)
     try:
-        asyncio.run(app.run(config, worker=app.Worker(index, all_ready, ready)))
+        asyncio.run(app.run(config, Handshake(index, all_ready, ready)))
     except ModelLoadError as exc:
         ready.put((index, str(exc)))
         sys.exit(EXIT_STARTUP_FAILED)

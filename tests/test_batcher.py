@@ -10,6 +10,8 @@ import pytest
 from mobiserve.server.batching import Batcher, Lane, Stages
 from mobiserve.server.errors import DeadlineExceeded, InferenceFailed, InvalidInput, Overloaded
 
+from helpers import poll_until
+
 
 class FakeModel:
     """Records each batch; a batch finishes only when the test sets `release`."""
@@ -52,12 +54,6 @@ async def submit(b: Batcher[int, int, int], *items: int, deadline: float | None 
     return (await b.submit(items, deadline)).values
 
 
-async def settle() -> None:
-    """Let every ready callback run (no wall-clock sleeping)."""
-    for _ in range(5):
-        await asyncio.sleep(0)
-
-
 @pytest.fixture
 def model() -> FakeModel:
     return FakeModel()
@@ -76,7 +72,7 @@ async def test_queued_requests_form_one_batch_when_the_session_frees(model: Fake
     first = asyncio.create_task(submit(b, 0))
     await model.started.wait()  # the only session is busy with [0]
     rest = [asyncio.create_task(submit(b, i, i + 100)) for i in range(1, 4)]
-    await settle()
+    await poll_until(lambda: b.waiting == 6, timeout_s=10)
     model.release.set()
     assert await first == [0]
     assert await asyncio.gather(*rest) == [[10, 1010], [20, 1020], [30, 1030]]
@@ -107,10 +103,9 @@ async def test_cancelled_caller_leaves_the_queue_before_inference(model: FakeMod
     await model.started.wait()
     gone = asyncio.create_task(submit(b, 1))
     kept = asyncio.create_task(submit(b, 2))
-    await settle()
+    await poll_until(lambda: b.waiting == 2, timeout_s=10)
     gone.cancel()
-    await settle()
-    assert b.admitted == 1  # capacity returned at once
+    await poll_until(lambda: b.admitted == 1, timeout_s=10)  # capacity returned before any batch ran
     model.release.set()
     assert await kept == [20]
     await first
@@ -124,7 +119,7 @@ async def test_expired_deadline_is_dropped_before_inference(model: FakeModel) ->
     await model.started.wait()
     loop = asyncio.get_running_loop()
     expired = asyncio.create_task(submit(b, 1, deadline=loop.time()))
-    await settle()
+    await poll_until(lambda: b.waiting == 1, timeout_s=10)
     model.release.set()
     with pytest.raises(DeadlineExceeded):
         await expired
@@ -138,8 +133,7 @@ async def test_full_queue_refuses_at_once_and_recovers(model: FakeModel) -> None
     held = [asyncio.create_task(submit(b, 0))]
     await model.started.wait()  # 0 runs; 1, 2, 3 fill the queue
     held += [asyncio.create_task(submit(b, i)) for i in range(1, 4)]
-    await settle()
-    assert b.admitted == 3
+    await poll_until(lambda: b.admitted == 3, timeout_s=10)
     with pytest.raises(Overloaded, match="overloaded"):
         await submit(b, 4)
     with pytest.raises(InvalidInput, match="more than the default queue limit of 3"):
@@ -164,8 +158,8 @@ async def test_close_runs_everything_already_queued(model: FakeModel) -> None:
     b = batcher(model, max_batch_size=2)
     tasks = [asyncio.create_task(submit(b, i)) for i in range(5)]
     await model.started.wait()
+    await poll_until(lambda: b.waiting == 3, timeout_s=10)  # [0, 1] runs, 2, 3 and 4 are queued
     closing = asyncio.create_task(b.close())
-    await settle()
     model.release.set()
     await closing
     assert [await t for t in tasks] == [[i * 10] for i in range(5)]
@@ -177,7 +171,7 @@ async def test_an_idle_model_runs_a_lone_input_alone_and_queued_work_waits_for_i
     lone = asyncio.create_task(submit(b, 4))
     await alone.started.wait()  # idle: the lone input took the fast path and holds the only slot
     waiting = asyncio.create_task(submit(b, 5))
-    await settle()
+    await poll_until(lambda: b.waiting == 1, timeout_s=10)
     assert model.batches == []  # queued behind it, not run beside it
     alone.release.set()
     model.release.set()
@@ -194,7 +188,7 @@ async def test_no_fast_path_for_several_inputs_or_without_a_free_slot(model: Fak
     lone = asyncio.create_task(submit(b, 2))  # one slot busy, one free, nothing queued: alone
     await alone.started.wait()
     queued = asyncio.create_task(submit(b, 3))  # no slot free: it queues
-    await settle()
+    await poll_until(lambda: b.waiting == 1, timeout_s=10)
     assert (model.batches, alone.batches) == ([[0, 1]], [[2]])
     alone.release.set()
     model.release.set()

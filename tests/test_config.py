@@ -83,7 +83,10 @@ def test_the_documented_sample_config_is_every_default(tmp_path: Path) -> None:
         if field.name not in ("models", "default_model"):
             assert getattr(config, field.name) == field.default, field.name
     server, model = block.split("\n[[models]]\n")[:2]
-    keys = lambda table: set(re.findall(r"^#? ?(\w+) = ", table, re.MULTILINE))
+
+    def keys(table: str) -> set[str]:
+        return set(re.findall(r"^#? ?(\w+) = ", table, re.MULTILINE))
+
     assert keys(server) == {f.name for f in dataclasses.fields(ServerConfig)} - {"models"}, "every key is shown"
     assert keys(model) == {f.name for f in dataclasses.fields(ModelConfig)}, "every [[models]] key is shown"
     for field in dataclasses.fields(ModelConfig):

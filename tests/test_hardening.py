@@ -16,7 +16,7 @@ import sys
 import textwrap
 import time
 import urllib.request
-from collections import Counter
+from collections import Counter, defaultdict
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -25,6 +25,7 @@ import pytest
 import pytest_asyncio
 
 from mobiserve.server.app import App
+from mobiserve.server.config import ServerConfig
 from mobiserve.server.transport.errorlog import ErrorLog
 from mobiserve.v1 import classifier_pb2 as pb
 from mobiserve.v1 import classifier_pb2_grpc as pb_grpc
@@ -36,6 +37,7 @@ from helpers import (
     model_config,
     poll_until,
     request_of,
+    requests_counted,
     serve,
     start_server,
     tcp_connections,
@@ -141,7 +143,10 @@ def test_a_peer_that_stops_answering_is_cut_off_even_with_a_call_open(limited: S
 
         (peer,) = {r for loc, r, st in tcp_connections(limited.port) if loc == limited.port and st == "ESTABLISHED"}
         client.send_signal(signal.SIGSTOP)
-        states = lambda: {st for loc, r, st in tcp_connections(limited.port) if r == peer}
+
+        def states() -> set[str]:
+            return {st for loc, r, st in tcp_connections(limited.port) if r == peer}
+
         # keepalive time + timeout, with room; the age limit would only act after AGE_S
         assert wait_until(lambda: "ESTABLISHED" not in states(), AGE_S * 0.9 - 1), states()
     finally:
@@ -265,18 +270,13 @@ BAD_UTF8 = b"\xff\xfe-not-utf8"
 CORRUPT = bytes([4 << 3 | 2, 100]) + b"short"  # a field longer than the message
 
 
-def counted(app: App, code: str, method: str, model: str = "int8") -> float:
-    labels = {"model": model, "method": method, "code": code}
-    return app.metrics.registry.get_sample_value("mobiserve_requests_total", labels) or 0.0
-
-
 async def test_undecodable_requests_are_invalid_argument_counted_and_quiet(
     server: App, channel: grpc.aio.Channel, jpeg: bytes, caplog: pytest.LogCaptureFixture
 ) -> None:
     classify = channel.unary_unary("/mobiserve.v1.Classifier/Classify")  # raw bytes both ways
     before = (
-        counted(server, "INVALID_ARGUMENT", "Classify"),
-        counted(server, "INVALID_ARGUMENT", "Classify", "(unknown)"),
+        requests_counted(server, "INVALID_ARGUMENT"),
+        requests_counted(server, "INVALID_ARGUMENT", "Classify", "(unknown)"),
     )
     bad_id = with_raw_field(request_of(jpeg), 4, BAD_UTF8)
     bad_model = with_raw_field(request_of(jpeg), 1, BAD_UTF8)
@@ -290,8 +290,8 @@ async def test_undecodable_requests_are_invalid_argument_counted_and_quiet(
     assert set(codes) == {grpc.StatusCode.INVALID_ARGUMENT}
     assert "not a valid ClassifyRequest" in details
     after = (
-        counted(server, "INVALID_ARGUMENT", "Classify"),
-        counted(server, "INVALID_ARGUMENT", "Classify", "(unknown)"),
+        requests_counted(server, "INVALID_ARGUMENT"),
+        requests_counted(server, "INVALID_ARGUMENT", "Classify", "(unknown)"),
     )
     assert after[0] - before[0] == 201 and after[1] - before[1] == 1  # the bad model name is no model
     records = [r for r in caplog.records if r.levelno >= logging.DEBUG]
@@ -398,10 +398,11 @@ async def test_idle_metrics_connections_take_no_thread_and_are_closed(int8_model
             s = socket.create_connection(("127.0.0.1", metrics_port), timeout=10)
             s.setblocking(False)
             socks.append(s)
-        await asyncio.sleep(1)  # time for a thread per connection to appear, if one would
-        during = threads_of(proc.pid)
+        # connections are accepted in the order they came: once a request made after the 200 is
+        # answered, a thread per connection, if the server made one, exists
         url = f"http://127.0.0.1:{metrics_port}/metrics"
         page = await asyncio.to_thread(lambda: urllib.request.urlopen(url, timeout=10).read().decode())
+        during = threads_of(proc.pid)
         open_ = set(range(len(socks)))
 
         def all_closed() -> bool:
@@ -434,7 +435,9 @@ async def test_an_operator_can_opt_in_to_full_model_paths(int8_model: Path) -> N
     from mobiserve.common.command import build_parser
     from mobiserve.server.cli import _server_config
 
-    parse = lambda *flags: _server_config(build_parser().parse_args(["serve", "--model", str(int8_model), *flags]))
+    def parse(*flags: str) -> ServerConfig:
+        return _server_config(build_parser().parse_args(["serve", "--model", str(int8_model), *flags]))
+
     assert not parse().expose_model_paths and parse("--expose-model-paths").expose_model_paths
     app = await start_server(model_config(int8_model), expose_model_paths=True)
     try:
@@ -505,7 +508,7 @@ async def test_every_call_with_an_expired_deadline_is_counted_once_and_none_is_c
 
     def counted() -> dict[str, float]:
         samples = [s for family in registry.collect() if family.name == "mobiserve_requests" for s in family.samples]
-        totals: Counter[str] = Counter()
+        totals: dict[str, float] = defaultdict(float)
         for s in samples:
             if s.name == "mobiserve_requests_total" and s.labels["method"] == "Classify":
                 totals[s.labels["code"]] += s.value
@@ -527,9 +530,12 @@ async def test_every_call_with_an_expired_deadline_is_counted_once_and_none_is_c
 
             for _ in range(60):
                 await asyncio.gather(*(one() for _ in range(10)))
+
             # the server counts a call when it ends there, which may be after the client gave up
-            seen = lambda: sum(counted().values()) - 1  # noqa: E731
-            await poll_until(lambda: app.calls.gate.idle and seen() >= 0.95 * 600, timeout_s=10)
+            def seen() -> float:
+                return sum(counted().values()) - 1
+
+            await poll_until(lambda: app.handling.gate.idle and seen() >= 0.95 * 600, timeout_s=10)
         after = counted()
         now_inferred = registry.get_sample_value("mobiserve_batch_size_images_sum", {"model": "int8"}) or 0.0
     finally:

@@ -425,7 +425,8 @@ BAD_UTF8 = b"\xff\xfe-not-utf8"
 def with_raw_field(request: tpb.ModelInferRequest, number: int, value: bytes) -> bytes:
     """The request's wire bytes plus a length-delimited field: invalid UTF-8 in a string field,
     which protobuf's Python API refuses to write."""
-    return request.SerializeToString() + bytes([number << 3 | 2, len(value)]) + value
+    data: bytes = request.SerializeToString()
+    return data + bytes([number << 3 | 2, len(value)]) + value
 
 
 def jpeg_request(jpeg: bytes, request_id: str = "") -> tpb.ModelInferRequest:

@@ -5,6 +5,7 @@ the zoo's file names."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import onnx
@@ -39,10 +40,11 @@ def test_pull_refuses_a_file_that_is_not_the_fp32_model_and_repairs_one_on_disk(
     mirror, models = tmp_path / "mirror", tmp_path / "models"
     mirror.mkdir()
     pull = ("models", "pull", "fp32", "--from", str(mirror), "--dir", str(models))
-    for make, reason in [
+    makers: list[tuple[Callable[[Path], object], str]] = [
         (lambda p: p.write_text("<html>Not Found</html>"), "not an ONNX model: protobuf cannot parse it"),
         (wrong_classifier, "expected the output float [N, 1000], found 'output' float [N, 3]"),
-    ]:
+    ]
+    for make, reason in makers:
         (mirror / FP32_NAME).unlink(missing_ok=True)
         make(mirror / FP32_NAME)
         code, out, err = cli(capsys, *pull)

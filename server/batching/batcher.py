@@ -188,6 +188,11 @@ class Batcher(Generic[I, T, R]):
     def start(self) -> None:
         self._loop_task = asyncio.get_running_loop().create_task(self._loop(), name=f"batcher:{self.name}")
 
+    @property
+    def waiting(self) -> int:
+        """Items prepared and queued for a batch, in all lanes (a gone caller's are skipped when drained)."""
+        return sum(len(lane.items) for lane in self.lanes)
+
     async def room(self, lane: int) -> None:
         """Until `lane` has room for another item (what a stream awaits before reading on)."""
         await self.lanes[lane].room()

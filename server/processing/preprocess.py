@@ -5,7 +5,7 @@ centre-crop 224 (offsets (W-224)//2), scale to [0, 1], normalise by the ImageNet
 
 The int8 model flips its top-1 on a few percent of images when pixels move by one level, so every
 shortcut here is bit-exact with the card's Pillow pipeline:
-- JPEG is decoded by libjpeg-turbo through simplejpeg (same pixels as Pillow, ~30% faster);
+- JPEG is decoded by libjpeg-turbo through simplejpeg (same pixels as Pillow, and faster);
 - only the 224x224 crop is resampled (`resize.center_crop_resize`, Pillow's arithmetic replicated);
 - images stay uint8 until a whole batch is normalised at once through a lookup table (`normalize`).
 Everything runs in a worker thread: simplejpeg, Pillow and numpy release the GIL.

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import queue
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -33,16 +33,18 @@ class BatchScores:
 
 
 SMALL_BATCH = 2  # batches up to this size may take the spinning session (see Model)
+SessionOpener = Callable[[str, SessionTuning], ort.InferenceSession]
 
 
 class Model:
     """`instances` sessions of one ONNX file; `infer` may be called from that many threads at once.
 
     With spinning off (the default, so idle intra-op threads leave the cores to preprocessing),
-    a lone image pays for waking onnxruntime's threads at every operator: ~0.4 ms of a ~2.5 ms
-    batch-1 run. So one extra session whose threads spin takes small batches when it is free:
-    small batches only happen when the server is lightly loaded, which is exactly when spinning
-    costs nothing. Both sessions run the same kernels with the same threads: same results.
+    a lone image pays for waking onnxruntime's threads at every operator, a good part of a
+    batch-1 run (docs/performance.md). So one extra session whose threads spin takes small
+    batches when it is free: small batches only happen when the server is lightly loaded, which
+    is exactly when spinning costs nothing. Both sessions run the same kernels with the same
+    threads: same results.
 
     `spare_threads`: one more session, not spinning, with that many threads, which
     `infer(spare=True)` runs on when it is free: urgent work beside batches that hold the others.
@@ -56,6 +58,7 @@ class Model:
         labels: Labels,
         tuning: SessionTuning,
         instances: int = 1,
+        open_session: SessionOpener = open_session,  # tests pass one whose sessions they can hold
         spare_threads: int = 0,
         nice: int = 0,
     ):
@@ -180,8 +183,8 @@ _thread = threading.local()
 
 def _input_buffer(n: int) -> np.ndarray:
     """This thread's reusable model input for a batch of `n` (an inference thread runs one batch
-    at a time). A fresh array per batch (19 MB at 32 images) cost its page faults every time, and
-    above glibc's mmap threshold an mmap and munmap too: about a sixth of the server's throughput."""
+    at a time). A fresh array per batch cost its page faults every time, and above glibc's mmap
+    threshold an mmap and munmap too: a good part of the server's throughput (docs/performance.md)."""
     buffer: np.ndarray | None = getattr(_thread, "input", None)
     if buffer is None or len(buffer) < n:
         buffer = _thread.input = np.empty((n, 3, INPUT_SIZE, INPUT_SIZE), dtype=np.float32)

@@ -19,7 +19,7 @@ import grpc
 UNREAD = "(unread)"  # the model label of a call whose message never arrived
 
 
-class Undelivered(grpc.aio.ServerInterceptor):
+class UnreadCallCounter(grpc.aio.ServerInterceptor):
     def __init__(self, count: Callable[[str], None], methods: Collection[str]):
         self._count = count  # called with the method's short name ("Classify")
         self._methods = frozenset(methods)  # full names: "/mobiserve.v1.Classifier/Classify"

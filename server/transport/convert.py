@@ -23,10 +23,10 @@ def images_of(request: pb.ClassifyRequest) -> list[ImageInput]:
     return images
 
 
-def response_of(request: pb.ClassifyRequest, result: Classified, top_k: int) -> pb.ClassifyResponse:
+def response_of(request_id: str, result: Classified, top_k: int) -> pb.ClassifyResponse:
     t = result.timing
     return pb.ClassifyResponse(
-        request_id=request.request_id,
+        request_id=request_id,
         model=result.model,
         results=[
             pb.Classification(classes=[pb.Class(index=c.index, wnid=c.wnid, name=c.name, score=c.score) for c in top])

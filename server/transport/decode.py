@@ -3,17 +3,17 @@
 gRPC deserializes a request before the servicer sees it; a message that fails (a string field
 that is not valid UTF-8, a corrupt wire format) would raise inside gRPC: `UNKNOWN`, an ERROR with
 a traceback per request, nothing counted, and in a stream the end of the whole stream. Here the
-parse failure becomes an `Undecodable` value the servicer answers like any bad request:
-`INVALID_ARGUMENT`, counted, logged within the throttle, and a stream goes on with its next message.
+parse failure becomes an `Undecodable` value, answered like any bad request: `INVALID_ARGUMENT`
+(counted and logged within the throttle, for inference: `calls.py`; `status.with_status` for
+the other methods), and a stream goes on with its next message.
 """
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import TypeVar
 
-import grpc
 from google.protobuf import empty_pb2
 from google.protobuf.message import DecodeError, Message
 from google.protobuf.unknown_fields import UnknownFieldSet
@@ -48,21 +48,6 @@ def lenient(message_type: type[M], model_field: int = 1, id_field: int = 4) -> C
             return _undecodable(data, str(exc), name, model_field, id_field)
 
     return parse
-
-
-Behaviour = Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]
-
-
-def refusing_undecodable(behaviour: Behaviour) -> Behaviour:
-    """A unary method that answers an Undecodable request with INVALID_ARGUMENT: for the methods
-    that do not go through `Calls.answer` (which refuses it itself, and counts it)."""
-
-    async def guarded(request: Any, context: grpc.aio.ServicerContext) -> Any:
-        if isinstance(request, Undecodable):
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.reason)
-        return await behaviour(request, context)
-
-    return guarded
 
 
 def _undecodable(data: bytes, error: str, name: str, model_field: int, id_field: int) -> Undecodable:

@@ -1,6 +1,6 @@
 """The Classifier servicer: convert the request, call the domain layer, convert the response.
 
-Request handling shared with the other protocols (counting, logging, deadlines, streams, drain)
+Request handling shared with the other protocols (deadlines, counting, logging, streams, drain)
 lives in `calls.py`; this module only converts mobiserve.v1 messages.
 """
 
@@ -11,16 +11,16 @@ from collections.abc import AsyncIterator
 
 import grpc
 
-from mobiserve.server.serving import ModelRegistry, Servable, checked_top_k
-from mobiserve.server.transport.calls import SHUTTING_DOWN, Calls, Failed
+from mobiserve.server.serving import Servable, checked_top_k
+from mobiserve.server.transport.calls import Call, CallHandling, Failed
 from mobiserve.server.transport.convert import images_of, model_info, response_of
-from mobiserve.server.transport.decode import Undecodable, lenient, refusing_undecodable
+from mobiserve.server.transport.decode import Undecodable, lenient
+from mobiserve.server.transport.status import with_status
 from mobiserve.v1 import classifier_pb2 as pb
 from mobiserve.v1 import classifier_pb2_grpc as pb_grpc
 
-__all__ = ["SHUTTING_DOWN", "ClassifierServicer", "register"]
-
-SERVICE = pb.DESCRIPTOR.services_by_name["Classifier"].full_name  # "mobiserve.v1.Classifier"
+SERVICE = pb.DESCRIPTOR.services_by_name["Classifier"]
+COUNTED_UNARY = (f"/{SERVICE.full_name}/Classify",)  # unary methods counted in mobiserve_requests_total
 Request = pb.ClassifyRequest | Undecodable  # what gRPC hands the servicer (transport/decode.py)
 
 
@@ -41,79 +41,49 @@ def register(servicer: ClassifierServicer, server: grpc.aio.Server) -> None:
             response_serializer=pb.ClassifyResponse.SerializeToString,
         ),
         "ListModels": grpc.unary_unary_rpc_method_handler(
-            refusing_undecodable(servicer.ListModels),
+            servicer.ListModels,
             request_deserializer=lenient(pb.ListModelsRequest),
             response_serializer=pb.ListModelsResponse.SerializeToString,
         ),
     }
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
-    server.add_registered_method_handlers(SERVICE, handlers)
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE.full_name, handlers),))
+    server.add_registered_method_handlers(SERVICE.full_name, handlers)
 
 
 class ClassifierServicer(pb_grpc.ClassifierServicer):
-    def __init__(self, calls: Calls, expose_model_paths: bool = False):
-        self.calls = calls
+    def __init__(self, handling: CallHandling, expose_model_paths: bool = False):
+        self.handling = handling
         self.expose_model_paths = expose_model_paths  # ListModels: full paths only on an operator's opt-in
 
-    @property
-    def registry(self) -> ModelRegistry | None:
-        """The served models, once loaded and warm."""
-        return self.calls.registry
-
     async def Classify(self, request: Request, context: grpc.aio.ServicerContext) -> pb.ClassifyResponse:
-        return await self.calls.unary(context, functools.partial(self._classify, request, "Classify", context))
+        return await self.handling.unary(context, request, _call(request, "Classify"), self._classify)
 
     async def ClassifyStream(
         self, request_iterator: AsyncIterator[Request], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.ClassifyResponse]:
         """Pipelined: many requests in flight, answered in completion order."""
-
-        async def handle(request: Request, deadline: float) -> pb.ClassifyResponse | Failed:
-            return await self._classify(request, "ClassifyStream", context, deadline, False, True)
-
-        def failed(request: Request, why: Failed) -> pb.ClassifyResponse:
-            return pb.ClassifyResponse(
-                request_id=request.request_id, error=pb.Error(code=why.code.value[0], message=why.message)
-            )
-
-        async for response in self.calls.stream(request_iterator, context, handle, failed):
+        call_of = functools.partial(_call, method="ClassifyStream")
+        async for response in self.handling.stream(request_iterator, context, call_of, self._classify, _failed):
             yield response
 
+    @with_status
     async def ListModels(
         self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext
     ) -> pb.ListModelsResponse:
-        registry = self.calls.registry
-        if registry is None:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, "models are still loading")
-            raise AssertionError("unreachable")
+        registry = self.handling.models()
         return pb.ListModelsResponse(
             models=[model_info(m.description, m.name == registry.default, self.expose_model_paths) for m in registry]
         )
 
-    async def _classify(
-        self,
-        request: Request,
-        method: str,
-        context: grpc.aio.ServicerContext,
-        deadline: float,
-        refuse: bool,
-        enforce: bool,
-    ) -> pb.ClassifyResponse | Failed:
-        async def work(model: Servable) -> pb.ClassifyResponse:
-            assert not isinstance(request, Undecodable)  # refused by answer(invalid=...)
-            top_k = checked_top_k(request.top_k, model.description.num_classes)
-            result = await model.classify(images_of(request), deadline)
-            self.calls.observe(result)
-            return response_of(request, result, top_k)
+    async def _classify(self, request: pb.ClassifyRequest, model: Servable, call: Call) -> pb.ClassifyResponse:
+        top_k = checked_top_k(request.top_k, model.description.num_classes)
+        result = await self.handling.classify(model, images_of(request), call)
+        return response_of(call.request_id, result, top_k)
 
-        return await self.calls.answer(
-            method=method,
-            model=request.model,
-            request_id=request.request_id,
-            context=context,
-            deadline=deadline,
-            refuse=refuse,
-            enforce_deadline=enforce,
-            work=work,
-            invalid=request.reason if isinstance(request, Undecodable) else "",
-        )
+
+def _call(request: Request, method: str) -> Call:
+    return Call(method=method, model=request.model, request_id=request.request_id)
+
+
+def _failed(request: Request, call: Call, why: Failed) -> pb.ClassifyResponse:
+    return pb.ClassifyResponse(request_id=call.request_id, error=pb.Error(code=why.code.value[0], message=why.message))

@@ -5,12 +5,12 @@ images preprocessed by the server's own code, so the ranges are those the served
 
 Why these choices (fp32 stand-in, 100 calibration images, top-1 on the 415 other sample images;
 docs/model-card.md has the table):
-- per-channel weights lose ~1 point of top-1, per-tensor ~4: MobileNetV2's depthwise filters
+- per-channel weights lose much less top-1 than per-tensor ones: MobileNetV2's depthwise filters
   differ in range by orders of magnitude, and one scale per tensor crushes the small ones;
-- uint8 activations (U8S8): onnxruntime's x86 kernels run them ~1.7x faster than fp32; int8
+- uint8 activations (U8S8): onnxruntime's x86 kernels run them faster than fp32; int8
   activations (S8S8) were no faster than fp32 here;
 - the scores (the ops that write the model's outputs) stay float: quantized to 256 levels they
-  tie and clip among the top classes, which cost the entropy method 12 points of top-1.
+  tie and clip among the top classes, which cost the entropy method most of its top-1.
 """
 
 from __future__ import annotations
@@ -141,9 +141,9 @@ def _extra_options(method: str, score_ops: list[str]) -> dict[str, object]:
     """Float scores (see the module's docstring), and a memory bound for calibration.
 
     MinMax reduces each activation to its range inside the calibration graph, so it is cheap in
-    memory. The histogram methods keep every activation of every image until the end (~60 MB an
-    image for MobileNetV2, 6 GB for 100 images): feeding them in strides of one image keeps memory
-    flat. (Without strides, onnxruntime 1.32 also wrote a model byte-identical to MinMax's here.)"""
+    memory. The histogram methods keep every activation of every image until the end (gigabytes
+    for 100 images, docs/model-card.md): feeding them in strides of one image keeps memory flat.
+    (Without strides, onnxruntime 1.32 also wrote a model byte-identical to MinMax's here.)"""
     options: dict[str, object] = {"OpTypesToExcludeOutputQuantization": score_ops}
     if method != "minmax":
         options["CalibStridedMinMax"] = 1

@@ -112,13 +112,13 @@ def integer_parameter(value: pb.InferParameter, name: str) -> int:
 
 
 def response_of(
-    request: pb.ModelInferRequest,
+    request_id: str,
     d: ModelDescription,
     face: Face,
     scores: Sequence[ImageScores],
     requested: Sequence[Requested],
 ) -> pb.ModelInferResponse:
-    response = pb.ModelInferResponse(model_name=face.name or d.name, model_version=d.version, id=request.id)
+    response = pb.ModelInferResponse(model_name=face.name or d.name, model_version=d.version, id=request_id)
     for want in requested:
         if want.classes:
             shape: list[int] = [len(scores), want.classes]
