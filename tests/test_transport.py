@@ -85,13 +85,13 @@ async def test_the_timeout_parameter_is_the_deadline_when_it_comes_first() -> No
         sent = time.monotonic()
         with pytest.raises(InferenceServerException) as err:
             # a minute for the call, a third of a second for the request
-            await client.infer("fake", [encoded_image(IMAGE)], timeout=300_000, client_timeout=60)
+            await client.infer("fake_image", [encoded_image(IMAGE)], timeout=300_000, client_timeout=60)
         assert err.value.status() == "StatusCode.DEADLINE_EXCEEDED" and "deadline" in err.value.message()
         (arrival,) = model.arrivals
         assert arrival.deadline is not None and arrival.deadline < sent + 60
         assert requests_counted(app, "DEADLINE_EXCEEDED", "ModelInfer", "fake") == 1
         model.gate.set()
-        answered = await client.infer("fake", [encoded_image(IMAGE)], timeout=60_000_000, client_timeout=60)
+        answered = await client.infer("fake_image", [encoded_image(IMAGE)], timeout=60_000_000, client_timeout=60)
         assert answered.as_numpy("output").shape == (1, 10)
     finally:
         model.gate.set()
@@ -166,7 +166,7 @@ async def test_x_request_id_names_a_request_whose_message_has_none(caplog: pytes
             await stream.write(request_of(IMAGE))
             assert (await stream.read()).request_id == "from-header"
             await stream.done_writing()
-            answer = await triton.infer("fake", [encoded_image(IMAGE)], headers={"x-request-id": "triton-1"})
+            answer = await triton.infer("fake_image", [encoded_image(IMAGE)], headers={"x-request-id": "triton-1"})
             assert answer.get_response().id == "triton-1"
             model.fails_with = lambda: Overloaded("model 'fake' is overloaded; retry later")
             with caplog.at_level(logging.WARNING, logger="mobiserve"):
