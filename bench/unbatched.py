@@ -80,6 +80,9 @@ class UnbatchedModel:
             self._pool, self._classify, images, deadline, time.perf_counter()
         )
 
+    def has_room(self, lane: str) -> bool:
+        return True  # the pool's queue is unbounded
+
     async def room(self, lane: str) -> None:
         """Always room: the pool's queue is unbounded."""
 

@@ -16,7 +16,8 @@ import os
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -141,6 +142,14 @@ class Metrics:
             ["model", "lane"],
             registry=r,
         )
+        self.streams_paused = Gauge(
+            "mobiserve_streams_paused",
+            "Open streams not being read now, by what they wait for: room in their window of unsent "
+            "answers, or in their bulk lane.",
+            ["reason"],
+            registry=r,
+            multiprocess_mode="livesum",
+        )
         self.model_ready = Gauge(
             "mobiserve_model_ready",
             "1 while the model is loaded, warm and taking requests.",
@@ -168,6 +177,16 @@ class Metrics:
     def multiprocess(self) -> bool:
         """A worker of `--workers N`: the supervisor serves the metrics."""
         return bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
+
+    @contextmanager
+    def paused(self, reason: str) -> Iterator[None]:
+        """A stream not read while the block runs (`reason`: "window" or "lane")."""
+        gauge = self.streams_paused.labels(reason)
+        gauge.inc()
+        try:
+            yield
+        finally:
+            gauge.dec()
 
     def observe_undelivered(self, model: str, method: str) -> None:
         """A call gRPC ended before its message arrived (transport/arrivals.py)."""

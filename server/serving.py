@@ -34,6 +34,7 @@ from mobiserve.server.runtime.model import Model
 DEFAULT_TOP_K = 5
 INTERACTIVE, BULK = "interactive", "bulk"  # the lanes of every model, most urgent first
 LANES = (INTERACTIVE, BULK)
+LEAST_URGENT = -1  # a priority level: a model's last one, whatever its number of levels
 
 
 @dataclass(frozen=True)
@@ -128,6 +129,8 @@ class Servable(Protocol):
         self, images: Sequence[ImageInput], deadline: float | None = None, lane: str = INTERACTIVE, wait: bool = False
     ) -> Classified: ...
 
+    def has_room(self, lane: str) -> bool: ...
+
     async def room(self, lane: str) -> None: ...
 
 
@@ -159,9 +162,11 @@ def describe(config: ModelConfig, model: Model) -> ModelDescription:
 
 
 def lane_of(d: ModelDescription, level: int, streaming: bool) -> str:
-    """The lane of a request asking for priority `level` (1 is the most urgent; 0: the default,
-    the model's `default_priority_level` or, without one, by RPC: unary calls are interactive,
-    stream messages bulk). Refuses a level the model does not have."""
+    """The lane of a request asking for priority `level` (1 is the most urgent, LEAST_URGENT the
+    model's last level; 0: the default, the model's `default_priority_level` or, without one, by
+    RPC: unary calls are interactive, stream messages bulk). Refuses a level the model does not have."""
+    if level == LEAST_URGENT:
+        level = d.priority_levels
     if not 0 <= level <= d.priority_levels:
         raise InvalidInput(
             f"priority level is {level}; model {d.name!r} has levels 1 to {d.priority_levels} (0: its default)"
@@ -288,6 +293,10 @@ class ServedModel:
         await self.batcher.close()
         for pool in self._infer_pools:
             pool.shutdown(wait=True)
+
+    def has_room(self, lane: str) -> bool:
+        """`lane` has room for another image, with no one waiting for room ahead."""
+        return self.batcher.lanes[LANES.index(lane)].has_room()
 
     async def room(self, lane: str) -> None:
         """Until `lane` has room for another image: a stream waits here before reading on."""

@@ -25,7 +25,9 @@ class Lanes:
     """A model whose batches of each lane wait until that lane is let through."""
 
     batches: list[tuple[str, bool, list[int]]] = field(default_factory=list)  # (lane, spare, items)
-    open: dict[int, asyncio.Event] = field(default_factory=lambda: {INTERACTIVE: asyncio.Event(), BULK: asyncio.Event()})
+    open: dict[int, asyncio.Event] = field(
+        default_factory=lambda: {INTERACTIVE: asyncio.Event(), BULK: asyncio.Event()}
+    )
     started: asyncio.Condition = field(default_factory=asyncio.Condition)
     now: float = 0.0  # the fake clock: one unit per item run
 

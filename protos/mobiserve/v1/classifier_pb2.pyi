@@ -335,6 +335,12 @@ class ModelInfo(_message.Message):
     PATH_FIELD_NUMBER: _builtins.int
     MAX_QUEUE_SIZE_FIELD_NUMBER: _builtins.int
     SHA256_FIELD_NUMBER: _builtins.int
+    PRIORITY_LEVELS_FIELD_NUMBER: _builtins.int
+    INTERACTIVE_LEVELS_FIELD_NUMBER: _builtins.int
+    DEFAULT_PRIORITY_LEVEL_FIELD_NUMBER: _builtins.int
+    BULK_MAX_QUEUE_SIZE_FIELD_NUMBER: _builtins.int
+    BULK_MAX_BATCH_SIZE_FIELD_NUMBER: _builtins.int
+    BULK_MIN_SHARE_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     version: _builtins.str
     is_default: _builtins.bool
@@ -356,6 +362,18 @@ class ModelInfo(_message.Message):
     """images; 0 = unbounded"""
     sha256: _builtins.str
     """hex SHA-256 of the model file: which build is served"""
+    priority_levels: _builtins.int
+    """Priorities (docs/serving.md): levels 1 (most urgent) .. priority_levels; levels up to
+    interactive_levels are served in the interactive lane, the others in the bulk lane.
+    """
+    interactive_levels: _builtins.int
+    default_priority_level: _builtins.int
+    """0: by RPC (Classify interactive, ClassifyStream bulk)"""
+    bulk_max_queue_size: _builtins.int
+    """images; 0 = unbounded"""
+    bulk_max_batch_size: _builtins.int
+    bulk_min_share: _builtins.float
+    """of inference time, kept by bulk work while it has some"""
     @_builtins.property
     def input_shape(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
         """-1 for the dynamic batch dimension"""
@@ -379,10 +397,16 @@ class ModelInfo(_message.Message):
         path: _builtins.str = ...,
         max_queue_size: _builtins.int = ...,
         sha256: _builtins.str = ...,
+        priority_levels: _builtins.int = ...,
+        interactive_levels: _builtins.int = ...,
+        default_priority_level: _builtins.int = ...,
+        bulk_max_queue_size: _builtins.int = ...,
+        bulk_max_batch_size: _builtins.int = ...,
+        bulk_min_share: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["input_dtype", b"input_dtype", "input_name", b"input_name", "input_shape", b"input_shape", "instances", b"instances", "intra_op_threads", b"intra_op_threads", "is_default", b"is_default", "max_batch_size", b"max_batch_size", "max_queue_delay_ms", b"max_queue_delay_ms", "max_queue_size", b"max_queue_size", "name", b"name", "num_classes", b"num_classes", "output_name", b"output_name", "path", b"path", "preprocessing", b"preprocessing", "sha256", b"sha256", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bulk_max_batch_size", b"bulk_max_batch_size", "bulk_max_queue_size", b"bulk_max_queue_size", "bulk_min_share", b"bulk_min_share", "default_priority_level", b"default_priority_level", "input_dtype", b"input_dtype", "input_name", b"input_name", "input_shape", b"input_shape", "instances", b"instances", "interactive_levels", b"interactive_levels", "intra_op_threads", b"intra_op_threads", "is_default", b"is_default", "max_batch_size", b"max_batch_size", "max_queue_delay_ms", b"max_queue_delay_ms", "max_queue_size", b"max_queue_size", "name", b"name", "num_classes", b"num_classes", "output_name", b"output_name", "path", b"path", "preprocessing", b"preprocessing", "priority_levels", b"priority_levels", "sha256", b"sha256", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
