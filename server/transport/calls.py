@@ -38,7 +38,7 @@ from typing import Generic, TypeVar
 
 import grpc
 
-from mobiserve.server.errors import DeadlineExceeded, InvalidInput, Unavailable
+from mobiserve.server.errors import DeadlineExceeded, InvalidInput, MobiserveError, Unavailable
 from mobiserve.server.metrics import Metrics
 from mobiserve.server.serving import BULK, Classified, ImageInput, ModelRegistry, Servable, lane_of
 from mobiserve.server.transport.decode import Undecodable
@@ -79,7 +79,6 @@ class Call:
     enforce_deadline: bool = False  # the handling ends the request at `deadline` (gRPC does at the client's own)
     streaming: bool = False  # a stream's message; set by the handling
     lane: str = ""  # the lane that serves it; set by the handling once the model is known
-    waited_in: Servable | None = None  # the model whose full lane it waited for room in, if it might have
 
 
 # The domain work of one request: decoded message, the model it names, its completed Call -> response.
@@ -169,15 +168,26 @@ class CallHandling:
         into the metrics. A stream's bulk message waits for room in a full lane (and its stream
         is not read meanwhile); anything else in a full lane is refused (RESOURCE_EXHAUSTED)."""
         call.lane = lane_of(model.description, call.priority, call.streaming)
-        wait = call.streaming and call.lane == BULK
-        if wait:
-            call.waited_in = model
-        result = await model.classify(images, call.deadline, call.lane, wait)
+        result = await model.classify(images, call.deadline, call.lane, call.streaming and call.lane == BULK)
         t = result.timing
         self.metrics.observe_result(
             result.model, len(result.scores), t.queue_us / 1e6, t.preprocess_us / 1e6, t.inference_us / 1e6
         )
         return result
+
+    def bulk_model(self, call: Call) -> Servable | None:
+        """The model whose bulk lane a stream's message is bound for, known as it is read (None: it
+        goes elsewhere, or will be refused): what the stream's reader waits on before the next."""
+        registry = self.registry
+        if registry is None or call.invalid:
+            return None
+        try:
+            model = registry.get(call.model)
+            d = model.description
+            level = call.priority if call.priority <= d.priority_levels else 0  # as the inference service reads it
+            return model if lane_of(d, level, streaming=True) == BULK else None
+        except MobiserveError:
+            return None
 
     def label(self, name: str) -> str:
         """The model's name for metrics and logs, from a bounded set whatever the client sends."""
@@ -276,7 +286,7 @@ class _Stream(Generic[Req, Resp]):
         self._failed = failed
         self._request_id = _request_id_of(context)  # the stream's, for messages that carry none
         self._window = asyncio.Semaphore(STREAM_WINDOW)  # messages read whose answers are not sent yet
-        self._last: Call | None = None  # the last message read
+        self._bulk: Servable | None = None  # the model whose bulk lane the last message read went to
         self._answers: asyncio.Queue[Resp | None] = asyncio.Queue()
         self._handlers: set[asyncio.Task[None]] = set()
         self._reader: asyncio.Task[None] | None = None
@@ -311,10 +321,10 @@ class _Stream(Generic[Req, Resp]):
                 await self._window.acquire()
         else:
             await self._window.acquire()
-        last = self._last
-        if last is not None and last.waited_in is not None and not last.waited_in.has_room(last.lane):
+        bulk = self._bulk
+        if bulk is not None and not bulk.has_room(BULK):
             with self._handling.metrics.paused("lane"):
-                await last.waited_in.room(last.lane)
+                await bulk.room(BULK)
 
     async def _read(self) -> None:
         iterator = aiter(self._requests)
@@ -323,8 +333,9 @@ class _Stream(Generic[Req, Resp]):
             request = await anext(iterator, None)
             if request is None:
                 return
-            self._last = call = self._call_of(request)
+            call = self._call_of(request)
             call.streaming = True
+            self._bulk = self._handling.bulk_model(call)
             task = asyncio.create_task(self._answer(request, call))
             self._handlers.add(task)
             task.add_done_callback(self._handler_done)
