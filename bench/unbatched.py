@@ -30,7 +30,16 @@ from mobiserve.server.metrics import Metrics
 from mobiserve.server.processing.preprocess import ImageLimits
 from mobiserve.server.runtime.model import Model
 from mobiserve.server.runtime.session import SessionTuning
-from mobiserve.server.serving import Classified, ImageInput, ModelRegistry, Timing, check_count, describe, run_whole
+from mobiserve.server.serving import (
+    INTERACTIVE,
+    Classified,
+    ImageInput,
+    ModelRegistry,
+    Timing,
+    check_count,
+    describe,
+    run_whole,
+)
 from mobiserve.server.transport.calls import CallHandling
 from mobiserve.server.transport.servicer import ClassifierServicer, register
 
@@ -62,11 +71,20 @@ class UnbatchedModel:
     def name(self) -> str:
         return NAME
 
-    async def classify(self, images: Sequence[ImageInput], deadline: float | None = None) -> Classified:
+    async def classify(
+        self, images: Sequence[ImageInput], deadline: float | None = None, lane: str = INTERACTIVE, wait: bool = False
+    ) -> Classified:
+        """Every request alike: no lanes (the pool's queue is first come, first served)."""
         check_count(images, self.max_images)
         return await asyncio.get_running_loop().run_in_executor(
             self._pool, self._classify, images, deadline, time.perf_counter()
         )
+
+    def has_room(self, lane: str) -> bool:
+        return True  # the pool's queue is unbounded
+
+    async def room(self, lane: str) -> None:
+        """Always room: the pool's queue is unbounded."""
 
     def _classify(self, images: Sequence[ImageInput], deadline: float | None, arrived: float) -> Classified:
         waited = time.perf_counter() - arrived  # for a free worker thread

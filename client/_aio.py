@@ -14,7 +14,7 @@ from types import TracebackType
 import grpc
 
 from mobiserve.client import _health
-from mobiserve.client._base import DEFAULT_MAX_IN_FLIGHT, DEFAULT_TOP_K, ClientBase, StreamState
+from mobiserve.client._base import DEFAULT_MAX_IN_FLIGHT, DEFAULT_TOP_K, ClientBase, Priority, StreamState
 from mobiserve.client._errors import ModelNotFound, translated
 from mobiserve.client._images import ImageLike, image_of, is_cheap
 from mobiserve.client._options import ChannelOptions
@@ -59,10 +59,17 @@ class AsyncClient(ClientBase):
         return grpc.aio.secure_channel(self.target, credentials, options=options)
 
     async def classify(
-        self, image: ImageLike, *, top_k: int = DEFAULT_TOP_K, model: str | None = None, timeout: float | None = None
+        self,
+        image: ImageLike,
+        *,
+        top_k: int = DEFAULT_TOP_K,
+        model: str | None = None,
+        timeout: float | None = None,
+        priority: Priority | None = None,
     ) -> Classification:
-        """Classify one image. `model` None: the server's default. Raises a `MobiserveError`."""
-        request = self._request(await _image(image), top_k, model, uuid.uuid4().hex)
+        """Classify one image. `model` None: the server's default. `priority`: "interactive" or
+        "bulk" (None: the call's default, interactive). Raises a `MobiserveError`."""
+        request = self._request(await _image(image), top_k, model, uuid.uuid4().hex, priority)
         with translated():
             response = await self._stub.Classify(
                 request, timeout=self._timeout(timeout), wait_for_ready=self.wait_for_ready
@@ -78,6 +85,7 @@ class AsyncClient(ClientBase):
         ordered: bool = True,
         max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
         timeout: float | None = None,
+        priority: Priority | None = None,
     ) -> AsyncIterator[Classification]:
         """`Client.classify_many` as an async generator; `images` may also be an async iterable.
 
@@ -95,7 +103,7 @@ class AsyncClient(ClientBase):
                 await window.acquire()  # the backpressure: nothing is read past the window
                 try:
                     image = await anext(iterator)
-                    request = self._request(await _image(image), top_k, model, str(index))
+                    request = self._request(await _image(image), top_k, model, str(index), priority)
                 except StopAsyncIteration:
                     return
                 except Exception as exc:

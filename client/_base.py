@@ -8,7 +8,7 @@ import os
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import grpc
 
@@ -24,6 +24,12 @@ TARGET_ENV = "MOBISERVE_TARGET"
 DEFAULT_TIMEOUT_S = 30.0
 DEFAULT_TOP_K = 5
 DEFAULT_MAX_IN_FLIGHT = 64
+Priority = Literal["interactive", "bulk"]  # the server's lanes (docs/serving.md#priorities)
+_PRIORITIES: dict[str | None, pb.Priority.ValueType] = {
+    None: pb.PRIORITY_UNSPECIFIED,
+    "interactive": pb.PRIORITY_INTERACTIVE,
+    "bulk": pb.PRIORITY_BULK,
+}
 
 
 def default_target() -> str:
@@ -120,10 +126,16 @@ class ClientBase:
     def _timeout(self, timeout: float | None) -> float | None:
         return self.timeout if timeout is None else timeout
 
-    def _request(self, image: pb.Image, top_k: int, model: str | None, request_id: str) -> pb.ClassifyRequest:
+    def _request(
+        self, image: pb.Image, top_k: int, model: str | None, request_id: str, priority: Priority | None = None
+    ) -> pb.ClassifyRequest:
         if top_k < 1:
             raise ValueError(f"top_k must be at least 1, got {top_k}")
-        request = pb.ClassifyRequest(model=model or "", images=[image], top_k=top_k, request_id=request_id)
+        if priority not in _PRIORITIES:
+            raise ValueError(f"priority must be 'interactive', 'bulk' or None, got {priority!r}")
+        request = pb.ClassifyRequest(
+            model=model or "", images=[image], top_k=top_k, request_id=request_id, priority=_PRIORITIES[priority]
+        )
         size = request.ByteSize()
         if size > self._max_message_bytes:
             # refused here: the server would refuse it too, after gRPC had retried the upload

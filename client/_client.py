@@ -10,7 +10,7 @@ from types import TracebackType
 import grpc
 
 from mobiserve.client import _health
-from mobiserve.client._base import DEFAULT_MAX_IN_FLIGHT, DEFAULT_TOP_K, ClientBase, StreamState
+from mobiserve.client._base import DEFAULT_MAX_IN_FLIGHT, DEFAULT_TOP_K, ClientBase, Priority, StreamState
 from mobiserve.client._errors import ModelNotFound, translated
 from mobiserve.client._images import ImageLike, image_of
 from mobiserve.client._options import ChannelOptions
@@ -30,10 +30,17 @@ class Client(ClientBase):
         return grpc.secure_channel(self.target, credentials, options=options)
 
     def classify(
-        self, image: ImageLike, *, top_k: int = DEFAULT_TOP_K, model: str | None = None, timeout: float | None = None
+        self,
+        image: ImageLike,
+        *,
+        top_k: int = DEFAULT_TOP_K,
+        model: str | None = None,
+        timeout: float | None = None,
+        priority: Priority | None = None,
     ) -> Classification:
-        """Classify one image. `model` None: the server's default. Raises a `MobiserveError`."""
-        request = self._request(image_of(image), top_k, model, uuid.uuid4().hex)
+        """Classify one image. `model` None: the server's default. `priority`: "interactive" or
+        "bulk" (None: the call's default, interactive). Raises a `MobiserveError`."""
+        request = self._request(image_of(image), top_k, model, uuid.uuid4().hex, priority)
         with translated():
             response = self._stub.Classify(request, timeout=self._timeout(timeout), wait_for_ready=self.wait_for_ready)
         return classification_of(response)
@@ -47,6 +54,7 @@ class Client(ClientBase):
         ordered: bool = True,
         max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
         timeout: float | None = None,
+        priority: Priority | None = None,
     ) -> Iterator[Classification]:
         """Classify many images over one ClassifyStream, up to `max_in_flight` at a time.
 
@@ -55,6 +63,9 @@ class Client(ClientBase):
         an endless iterator runs in bounded memory. `images` is consumed on a gRPC thread.
         `timeout` bounds the whole stream (default: none; the server still bounds each image).
         A failed image raises its `MobiserveError` (with `input_index`) when its turn comes.
+        `priority`: "interactive" or "bulk" (None: the stream's default, bulk: the server serves
+        it in its bulk lane, beside interactive calls, and stops reading the stream while that
+        lane is full).
         """
         state = StreamState(ordered)
         window = _Window(max_in_flight)
@@ -65,7 +76,7 @@ class Client(ClientBase):
             while window.acquire():  # blocks gRPC's sending thread: the backpressure
                 try:
                     image = next(iterator)
-                    request = self._request(image_of(image), top_k, model, str(index))
+                    request = self._request(image_of(image), top_k, model, str(index), priority)
                 except StopIteration:
                     return
                 except Exception as exc:

@@ -21,6 +21,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from mobiserve.common.labels import Labels
 from mobiserve.server import threads
+from mobiserve.server.batching import Ran
 from mobiserve.server.binding import bind, check_bindable, is_loopback
 from mobiserve.server.config import ModelConfig, ServerConfig
 from mobiserve.server.cores import available_cores
@@ -31,7 +32,7 @@ from mobiserve.server.metrics_http import MetricsServer
 from mobiserve.server.processing.preprocess import ImageLimits
 from mobiserve.server.runtime.model import Model, SessionOpener
 from mobiserve.server.runtime.session import SessionTuning, open_session
-from mobiserve.server.serving import ModelRegistry, ServedModel
+from mobiserve.server.serving import INTERACTIVE, LANES, ModelRegistry, ServedModel
 from mobiserve.server.tls import server_credentials
 from mobiserve.server.transport import servicer as classifier
 from mobiserve.server.transport.calls import CallHandling
@@ -48,11 +49,16 @@ SERVICES = (classifier.SERVICE.full_name, oip.SERVICE.full_name)  # what health 
 ModelLoader = Callable[[ModelConfig], Model]
 
 
-def load_model(config: ModelConfig, open_session: SessionOpener = open_session) -> Model:
-    """Blocking: open the sessions and warm them up."""
+SPARE_SESSIONS = 1  # per model, for interactive work beside bulk batches (serving.ServedModel)
+SPARE_THREADS = 1  # its intra-op threads: one runs a lone image without waking a pool, and takes one core
+
+
+def load_model(config: ModelConfig, open_session: SessionOpener = open_session, nice: int = 0) -> Model:
+    """Blocking: open the sessions and warm them up. `nice`: the regular sessions' threads run
+    at an OS priority lowered by this much (the spinning and the spare session's do not)."""
     labels = Labels.load(config.synsets)
     tuning = SessionTuning(intra_op_threads=config.intra_op_threads, allow_spinning=config.allow_spinning)
-    model = Model(config.path, labels, tuning, config.instances, open_session=open_session)
+    model = Model(config.path, labels, tuning, config.instances, open_session, SPARE_THREADS, nice)
     model.warm_up(config.max_batch_size)
     return model
 
@@ -67,21 +73,22 @@ class App:
     servicer: classifier.ClassifierServicer
     inference: oip.InferenceServicer
     metrics: Metrics
-    preprocess_pool: ThreadPoolExecutor
+    preprocess_pools: list[ThreadPoolExecutor]  # one per lane, shared by all models
     metrics_server: MetricsServer | None = None
     handshake: Handshake | None = None  # this process is a worker of `--workers N`
     served: list[ServedModel] = field(default_factory=list)
     upkeep: Upkeep | None = None
 
-    async def load(self, load: ModelLoader = load_model) -> ModelRegistry:
+    async def load(self, load: ModelLoader | None = None) -> ModelRegistry:
         """Load and warm every model, then turn SERVING. Raises ModelLoadError on a bad model.
         `load` opens one model (tests pass one whose sessions they can hold)."""
         registry = await self.load_models(load)
         await self.serving()
         return registry
 
-    async def load_models(self, load: ModelLoader = load_model) -> ModelRegistry:
+    async def load_models(self, load: ModelLoader | None = None) -> ModelRegistry:
         """Load and warm every model and take requests; health stays NOT_SERVING until `serving()`."""
+        load = load or functools.partial(load_model, nice=self.config.bulk_nice)
         loop = asyncio.get_running_loop()
         limits = ImageLimits(max_pixels=self.config.max_pixels)
         served = self.served
@@ -92,10 +99,12 @@ class App:
                 ServedModel(
                     config,
                     model,
-                    self.preprocess_pool,
+                    self.preprocess_pools,
                     limits,
                     self.config.max_images_per_request,
-                    on_batch=functools.partial(self.metrics.observe_batch, config.name),
+                    on_batch=functools.partial(self._observe_batch, config.name),
+                    spare=SPARE_SESSIONS,
+                    nice=self.config.bulk_nice,
                 )
             )
             log.info(
@@ -115,6 +124,9 @@ class App:
         self.upkeep.start()
         self.handling.registry = registry
         return registry
+
+    def _observe_batch(self, model: str, ran: Ran) -> None:
+        self.metrics.observe_batch(model, ran.size, ran.seconds, ran.lane, ran.waits, ran.guarded)
 
     async def serving(self) -> None:
         """Health SERVING: load balancers and health-checking clients send calls from now on."""
@@ -171,7 +183,8 @@ class App:
             await model.close()
             if not quiet:
                 log.info("event=model_unloaded model=%s", model.name)
-        self.preprocess_pool.shutdown(wait=False, cancel_futures=True)
+        for pool in self.preprocess_pools:
+            pool.shutdown(wait=False, cancel_futures=True)
         self.handling.close()
         if self.metrics_server is not None:
             await self.metrics_server.close()
@@ -220,11 +233,14 @@ async def create_app(config: ServerConfig, handshake: Handshake | None = None) -
     if handshake is None:
         await server.start()
     threads.name_grpc_poller()
-    pool = ThreadPoolExecutor(
-        config.preprocess_threads or available_cores(),
-        thread_name_prefix="preprocess",
-        initializer=threads.name_current,
-    )
+    pools = [  # bulk work's threads run below interactive work's (threads.py)
+        ThreadPoolExecutor(
+            config.preprocess_threads or available_cores(),
+            thread_name_prefix="preprocess",
+            initializer=threads.pool_initializer(0 if lane == INTERACTIVE else config.bulk_nice),
+        )
+        for lane in LANES
+    ]
     if handshake is None:  # a worker listens once its models are loaded: _load_as_worker says so then
         log.info("event=listening address=%s:%d tls=%s metrics_port=%d", config.host, port, _tls(config), metrics_port)
     if not credentials and not is_loopback(config.host):
@@ -235,7 +251,7 @@ async def create_app(config: ServerConfig, handshake: Handshake | None = None) -
             "plain-text gRPC on a non-loopback address: anyone who can reach it can use and read it; "
             "give --tls-cert/--tls-key",
         )
-    return App(config, server, port, health, handling, servicer, inference, metrics, pool, metrics_server, handshake)
+    return App(config, server, port, health, handling, servicer, inference, metrics, pools, metrics_server, handshake)
 
 
 def _tls(config: ServerConfig) -> str:

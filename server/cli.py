@@ -94,6 +94,32 @@ def _add_serve(sub: Subcommands) -> None:
         default=None,
         help=f"let onnxruntime threads spin between batches ({model('allow_spinning')})",
     )
+    m.add_argument(
+        "--default-priority-level",
+        type=int,
+        metavar="N",
+        help="priority level of a request that asks for none: 1 interactive, 2 bulk "
+        f"({model('default_priority_level', zero='by RPC, unary calls interactive, streams bulk')})",
+    )
+    m.add_argument(
+        "--bulk-max-batch-size",
+        type=int,
+        metavar="N",
+        help=f"images per bulk batch at most ({model('bulk_max_batch_size')})",
+    )
+    m.add_argument(
+        "--bulk-max-queue-size",
+        type=int,
+        metavar="N",
+        help="bulk images waiting per model; a stream whose bulk lane is full is not read until there is room "
+        f"({model('bulk_max_queue_size', zero='no limit')})",
+    )
+    m.add_argument(
+        "--bulk-min-share",
+        type=float,
+        metavar="F",
+        help=f"share of inference time bulk work keeps while it has work ({model('bulk_min_share')})",
+    )
     p.add_argument("--host", help=f"address to bind ({server('host')})")
     p.add_argument("--port", type=_port, help=f"port to bind ({server('port', zero='pick a free one')})")
     p.add_argument(
@@ -101,6 +127,13 @@ def _add_serve(sub: Subcommands) -> None:
         type=int,
         metavar="N",
         help=f"decode/resize threads ({server('preprocess_threads', zero='one per core')})",
+    )
+    p.add_argument(
+        "--bulk-nice",
+        type=int,
+        metavar="N",
+        help="bulk work's threads run at an OS priority lowered by this nice value "
+        f"({server('bulk_nice', zero='as interactive work')})",
     )
     p.add_argument(
         "--workers",
@@ -214,6 +247,10 @@ MODEL_FLAGS = {
     "instances": "--instances",
     "intra_op_threads": "--intra-op-threads",
     "allow_spinning": "--allow-spinning",
+    "default_priority_level": "--default-priority-level",
+    "bulk_max_batch_size": "--bulk-max-batch-size",
+    "bulk_max_queue_size": "--bulk-max-queue-size",
+    "bulk_min_share": "--bulk-min-share",
 }
 
 
@@ -269,6 +306,7 @@ def _server_config(args: argparse.Namespace) -> ServerConfig:
         "host": args.host,
         "port": args.port,
         "preprocess_threads": args.preprocess_threads,
+        "bulk_nice": args.bulk_nice,
         "workers": args.workers,
         "pin_cpus": args.pin_cpus,
         "max_images_per_request": args.max_images_per_request,

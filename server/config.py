@@ -19,6 +19,7 @@ TOML (paths relative to the file; docs/operations.md has a complete example):
     max_queue_delay_ms = 0.0
     instances = 1
     intra_op_threads = 2
+    bulk_max_batch_size = 8         # the lanes: docs/serving.md#priorities
 """
 
 from __future__ import annotations
@@ -52,6 +53,8 @@ AtLeastOne = Annotated[int, Range(ge=1)]
 NonNegative = Annotated[float, Range(ge=0)]
 Positive = Annotated[float, Range(gt=0)]
 MessageBytes = Annotated[int, Range(ge=1, le=2**31 - 1)]  # gRPC keeps the limit in an int32
+Share = Annotated[float, Range(ge=0, le=1)]
+Nice = Annotated[int, Range(ge=0, le=19)]  # added to a thread's nice value: Linux's range
 
 
 @dataclass(frozen=True)
@@ -62,13 +65,32 @@ class ModelConfig:
     version: str = "1"
     max_batch_size: AtLeastOne = 32
     max_queue_delay_ms: NonNegative = 0.0
-    max_queue_size: Count = 1024  # images waiting for a batch; 0 = unbounded
+    max_queue_size: Count = 1024  # interactive lane: images waiting for a batch; 0 = unbounded
     instances: Count = 0  # 0: one per 4 cores
     intra_op_threads: Count = 0  # 0: the cores divided among instances
     allow_spinning: bool = False
+    # Priorities and lanes (docs/serving.md#priorities), named after Triton's dynamic_batching
+    # settings: requests ask for a level, 1 (most urgent) .. priority_levels; levels up to
+    # interactive_levels are served in the interactive lane, the others in the bulk lane.
+    priority_levels: AtLeastOne = 2
+    interactive_levels: Count = 1
+    default_priority_level: Count = 0  # a request that asks for none (0: by RPC, unary 1, streams the last)
+    bulk_max_queue_size: Count = 64  # bulk lane: images waiting; a full lane stops reading streams (0 = unbounded)
+    bulk_max_batch_size: AtLeastOne = 8  # images per bulk batch: what an interactive image may wait behind
+    bulk_min_share: Share = 0.2  # of inference time, guaranteed to bulk work while it has some
 
     def __post_init__(self) -> None:
         check_ranges(self)
+        if self.interactive_levels > self.priority_levels:
+            raise ValueError(
+                f"interactive_levels ({self.interactive_levels}) must be at most "
+                f"priority_levels ({self.priority_levels})"
+            )
+        if self.default_priority_level > self.priority_levels:
+            raise ValueError(
+                f"default_priority_level must be 0 (by RPC) or a level from 1 to priority_levels "
+                f"({self.priority_levels}), got {self.default_priority_level}"
+            )
 
     def resolved(self) -> ModelConfig:
         """Fill the CPU-derived defaults for this machine."""
@@ -88,7 +110,8 @@ class ServerConfig:
     max_message_bytes: MessageBytes = 64 << 20
     max_images_per_request: AtLeastOne = 256
     max_pixels: AtLeastOne = 50_000_000
-    preprocess_threads: Count = 0  # 0: one per core this process may use
+    preprocess_threads: Count = 0  # 0: one per core this process may use (per lane)
+    bulk_nice: Nice = 3  # bulk work's threads run at an OS priority lowered by this (0: as interactive)
     workers: Count = 1  # server processes on the port (server/workers.py); 0: one per 4 cores
     pin_cpus: bool = False  # pin each worker to its share of the cores
     default_timeout_s: Positive = 30.0  # when the client sets no deadline

@@ -4,11 +4,13 @@ the allocator's free memory back once the server has gone quiet after some work 
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections.abc import Callable, Sequence
 from typing import Protocol
 
 from mobiserve.server.memory import trim_when_idle
 from mobiserve.server.metrics import Metrics
+from mobiserve.server.serving import LANES
 
 QUEUE_SAMPLE_S = 0.5  # how often a worker writes its queue depths for the supervisor's endpoint
 
@@ -19,7 +21,7 @@ class Queue(Protocol):
     @property
     def name(self) -> str: ...
 
-    def queued(self) -> int: ...
+    def queued(self, lane: str | None = None) -> int: ...
 
 
 class Upkeep:
@@ -36,6 +38,9 @@ class Upkeep:
         else:  # read on each scrape
             for model in self._models:
                 self._metrics.queue_depth.labels(model.name).set_function(model.queued)
+                for lane in LANES:
+                    depth = functools.partial(model.queued, lane)
+                    self._metrics.lane_depth.labels(model.name, lane).set_function(depth)
         busy = lambda: any(model.queued() for model in self._models)
         self._tasks.append(asyncio.create_task(trim_when_idle(busy, self._work_done), name="trim"))
 
@@ -47,4 +52,6 @@ class Upkeep:
         while True:
             for model in self._models:
                 self._metrics.queue_depth.labels(model.name).set(model.queued())
+                for lane in LANES:
+                    self._metrics.lane_depth.labels(model.name, lane).set(model.queued(lane))
             await asyncio.sleep(QUEUE_SAMPLE_S)

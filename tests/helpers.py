@@ -37,7 +37,15 @@ from mobiserve.server.app import App, create_app, load_model
 from mobiserve.server.config import ModelConfig, ServerConfig
 from mobiserve.server.runtime.model import Model
 from mobiserve.server.runtime.session import SessionTuning, open_session
-from mobiserve.server.serving import Classified, ImageInput, ImageScores, ModelDescription, ModelRegistry, Timing
+from mobiserve.server.serving import (
+    INTERACTIVE,
+    Classified,
+    ImageInput,
+    ImageScores,
+    ModelDescription,
+    ModelRegistry,
+    Timing,
+)
 from mobiserve.v1 import classifier_pb2 as pb
 
 __all__ = ["ServerProcess", "free_port"]
@@ -119,6 +127,7 @@ class Arrival:
 
     images: int
     deadline: float | None  # time.monotonic()
+    lane: str = INTERACTIVE
 
 
 class FakeModel:
@@ -160,8 +169,10 @@ class FakeModel:
     def name(self) -> str:
         return self.description.name
 
-    async def classify(self, images: Sequence[ImageInput], deadline: float | None = None) -> Classified:
-        self.arrivals.append(Arrival(len(images), deadline))
+    async def classify(
+        self, images: Sequence[ImageInput], deadline: float | None = None, lane: str = INTERACTIVE, wait: bool = False
+    ) -> Classified:
+        self.arrivals.append(Arrival(len(images), deadline, lane))
         if self.fails_with is not None:
             raise self.fails_with()
         self.waiting += 1
@@ -170,8 +181,14 @@ class FakeModel:
             await self.gate.wait()
         finally:
             self.waiting -= 1
-        timing = Timing(queue_us=0, preprocess_us=0, inference_us=0, batch_size=len(images))
+        timing = Timing(queue_us=0, preprocess_us=0, inference_us=0, batch_size=len(images), lane=lane)
         return Classified(self.name, [self._scores] * len(images), timing, self.description.labels)
+
+    def has_room(self, lane: str) -> bool:
+        return True  # no lanes: nothing waits for room
+
+    async def room(self, lane: str) -> None:
+        """Always room."""
 
 
 class SessionGate:
@@ -184,6 +201,8 @@ class SessionGate:
         self.gate = threading.Event()
         self.gate.set()
         self.entered = threading.Event()  # a run is waiting at (or went through) the gate
+        self.held = 0  # runs waiting at the gate now (a model's regular and spare sessions both can)
+        self._count = threading.Lock()
         self.batch_sizes: list[int] = []
         self.fail_next = False
 
@@ -191,9 +210,15 @@ class SessionGate:
         return _GatedSession(open_session(path, tuning), self)
 
     def run(self, session: Any, output_names: list[str], feeds: dict[str, np.ndarray]) -> Any:
+        with self._count:
+            self.held += 1
         self.entered.set()
-        if not self.gate.wait(120):
-            raise TimeoutError("test gate never opened")
+        try:
+            if not self.gate.wait(120):
+                raise TimeoutError("test gate never opened")
+        finally:
+            with self._count:
+                self.held -= 1
         ((name, batch),) = feeds.items()
         self.batch_sizes.append(len(batch))
         if self.fail_next:
@@ -213,6 +238,10 @@ class SessionGate:
 
     async def wait_entered(self) -> None:
         assert await asyncio.to_thread(self.entered.wait, 120), "no batch reached the session"
+
+    async def wait_held(self, runs: int) -> None:
+        """Until `runs` runs wait at the gate (every session busy: the regular and the spare one)."""
+        await poll_until(lambda: self.held >= runs, timeout_s=120)
 
 
 class _GatedSession:

@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from mobiserve.server.batching import Batcher, Stages
+from mobiserve.server.batching import Batcher, Lane, Stages
 from mobiserve.server.errors import DeadlineExceeded, InferenceFailed, InvalidInput, Overloaded
 
 from helpers import poll_until
@@ -22,7 +22,7 @@ class FakeModel:
         self.started = asyncio.Event()
         self.fail_on = fail_on
 
-    async def __call__(self, items: list[int]) -> list[int]:
+    async def __call__(self, items: list[int], lane: int = 0, spare: bool = False) -> list[int]:
         self.batches.append(list(items))
         self.started.set()
         await self.release.wait()
@@ -31,18 +31,20 @@ class FakeModel:
         return [i * 10 for i in items]
 
 
-async def same(index: int, item: int, deadline: float | None) -> int:
+async def same(index: int, item: int, deadline: float | None, lane: int) -> int:
     return item
 
 
 def batcher(model: FakeModel, alone: FakeModel | None = None, **knobs: Any) -> Batcher[int, int, int]:
     """A started batcher over the fake model; `alone` also gives it an idle fast path."""
 
-    async def run_alone(item: int, deadline: float | None) -> tuple[int, float]:
+    async def run_alone(item: int, deadline: float | None, lane: int, spare: bool) -> tuple[int, float]:
         assert alone is not None
         (value,) = await alone([item])
         return value, 0.0
 
+    if "max_queue_size" in knobs:
+        knobs["lanes"] = (Lane("default", knobs.pop("max_queue_size")),)
     b = Batcher(Stages(same, model, run_alone if alone else None), **knobs)
     b.start()
     return b
@@ -134,7 +136,7 @@ async def test_full_queue_refuses_at_once_and_recovers(model: FakeModel) -> None
     await poll_until(lambda: b.admitted == 3, timeout_s=10)
     with pytest.raises(Overloaded, match="overloaded"):
         await submit(b, 4)
-    with pytest.raises(InvalidInput, match="more than the queue limit"):
+    with pytest.raises(InvalidInput, match="more than the default queue limit of 3"):
         await submit(b, 5, 6, 7, 8)
     model.release.set()
     await asyncio.gather(*held)

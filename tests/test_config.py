@@ -40,6 +40,16 @@ MODEL = '[[models]]\nname = "m"\npath = "model.onnx"\n'
         ("[server\nport = 1\n", "not valid TOML: Expected ']'"),
         ("[model]\n", "unknown table or key ['model']"),
         (MODEL + MODEL, "model names must be unique"),
+        (MODEL + "bulk_min_share = 1.5\n", "[[models]] #1 (name 'm'): bulk_min_share must be at most 1, got 1.5"),
+        (
+            MODEL + "interactive_levels = 3\n",
+            "[[models]] #1 (name 'm'): interactive_levels (3) must be at most priority_levels (2)",
+        ),
+        (
+            MODEL + "priority_levels = 3\ndefault_priority_level = 4\n",
+            "[[models]] #1 (name 'm'): default_priority_level must be 0 (by RPC) or a level from 1 to priority_levels",
+        ),
+        ("[server]\nbulk_nice = 20\n" + MODEL, "[server]: bulk_nice must be at most 19, got 20"),
     ],
     ids=lambda v: v[:40] if isinstance(v, str) else v,
 )

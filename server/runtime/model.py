@@ -45,6 +45,11 @@ class Model:
     batches when it is free: small batches only happen when the server is lightly loaded, which
     is exactly when spinning costs nothing. Both sessions run the same kernels with the same
     threads: same results.
+
+    `spare_threads`: one more session, not spinning, with that many threads, which
+    `infer(spare=True)` runs on when it is free: urgent work beside batches that hold the others.
+    `nice`: the regular sessions' threads run at an OS priority lowered by this much, so that the
+    kernel runs the spinning and the spare session's work first (threads.run_at_lower_priority).
     """
 
     def __init__(
@@ -54,6 +59,8 @@ class Model:
         tuning: SessionTuning,
         instances: int = 1,
         open_session: SessionOpener = open_session,  # tests pass one whose sessions they can hold
+        spare_threads: int = 0,
+        nice: int = 0,
     ):
         self.path = str(path)
         self.sha256 = sha256_of(Path(path)) if Path(path).is_file() else ""
@@ -62,9 +69,14 @@ class Model:
         self.instances = instances
         if not Path(path).is_file():
             raise ModelLoadError(f"model file not found: {path}")
+        pool_name = f"ort-{Path(path).stem}"
+
+        def open_regular() -> list[ort.InferenceSession]:
+            with threads.creating_threads_as(pool_name):  # onnxruntime's pools inherit the name (and priority)
+                return [open_session(self.path, tuning) for _ in range(instances)]
+
         try:
-            with threads.creating_threads_as(f"ort-{Path(path).stem}"):  # onnxruntime's pools inherit the name
-                sessions = [open_session(self.path, tuning) for _ in range(instances)]
+            sessions = threads.run_at_lower_priority(nice, open_regular)
         except Exception as exc:  # onnxruntime raises its own Fail/InvalidProtobuf/... types
             first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise ModelLoadError(f"cannot load {path} with onnxruntime: {first_line}{_repair(Path(path))}") from None
@@ -76,16 +88,23 @@ class Model:
         self._free: queue.SimpleQueue[ort.InferenceSession] = queue.SimpleQueue()
         for session in sessions:
             self._free.put(session)
-        with threads.creating_threads_as(f"ort-{Path(path).stem}"):
+        with threads.creating_threads_as(pool_name):
             self._spinning = (
                 None if tuning.allow_spinning else open_session(self.path, replace(tuning, allow_spinning=True))
             )
+            self._spare = (
+                None
+                if not spare_threads
+                else open_session(self.path, replace(tuning, intra_op_threads=spare_threads, allow_spinning=False))
+            )
         self._spinning_busy = threading.Lock()
+        self._spare_busy = threading.Lock()
 
-    def infer(self, items: Sequence[np.ndarray]) -> BatchScores:
-        """uint8 crops / float32 inputs -> scores. Blocks on a free session if all are busy."""
+    def infer(self, items: Sequence[np.ndarray], spare: bool = False) -> BatchScores:
+        """uint8 crops / float32 inputs -> scores. Blocks on a free session if all are busy.
+        spare: on the spare session, if there is one and it is free."""
         batch = assemble(items, _input_buffer(len(items)))
-        with self._session(len(items)) as session:
+        with self._session(len(items), spare) as session:
             logits = self._run(session, batch)
         return BatchScores(logits, softmax(logits), rank(logits))
 
@@ -95,8 +114,9 @@ class Model:
         sessions = [self._free.get() for _ in range(self.instances)]
         try:
             runs = [(session, sorted({1, max_batch_size})) for session in sessions]
-            if self._spinning is not None:
-                runs.append((self._spinning, list(range(1, SMALL_BATCH + 1))))
+            for small in (self._spinning, self._spare):
+                if small is not None:
+                    runs.append((small, list(range(1, SMALL_BATCH + 1))))
             for session, sizes in runs:
                 for n in sizes:
                     self._run(session, np.zeros((n, 3, INPUT_SIZE, INPUT_SIZE), dtype=np.float32))
@@ -105,8 +125,15 @@ class Model:
                 self._free.put(session)
 
     @contextmanager
-    def _session(self, batch_size: int) -> Iterator[ort.InferenceSession]:
-        """The spinning session for a small batch when it is free, else a regular one."""
+    def _session(self, batch_size: int, spare: bool = False) -> Iterator[ort.InferenceSession]:
+        """The spare session when asked for and free; the spinning session for a small batch when
+        it is free; else a regular one."""
+        if spare and self._spare is not None and self._spare_busy.acquire(blocking=False):
+            try:
+                yield self._spare
+            finally:
+                self._spare_busy.release()
+            return
         if self._spinning is not None and batch_size <= SMALL_BATCH and self._spinning_busy.acquire(blocking=False):
             try:
                 yield self._spinning

@@ -15,6 +15,8 @@ Inference Protocol alike):
   got, and failures other than plain client mistakes are logged with its request id (throttled);
 - refusals before any work: a message that could not be decoded or whose parameters are wrong,
   models still loading, a server draining;
+- the lane: the request's priority, else its RPC's default (serving.lane_of); a stream's message
+  in a full bulk lane waits for room, and the stream is not read meanwhile;
 - `drain()`, the transport's part of a graceful shutdown: each open stream stops reading, answers
   every message it has read, then ends with UNAVAILABLE so the client knows to send the rest
   elsewhere; a call that arrives afterwards is refused with UNAVAILABLE at once (`drain.py`);
@@ -39,9 +41,9 @@ import grpc
 from google.protobuf.message import Message
 
 from mobiserve.server import threads
-from mobiserve.server.errors import AnswerTooLarge, DeadlineExceeded, InvalidInput, Unavailable
+from mobiserve.server.errors import AnswerTooLarge, DeadlineExceeded, InvalidInput, MobiserveError, Unavailable
 from mobiserve.server.metrics import Metrics
-from mobiserve.server.serving import Classified, ImageInput, ModelRegistry, Servable
+from mobiserve.server.serving import BULK, Classified, ImageInput, ModelRegistry, Servable, lane_of
 from mobiserve.server.transport.decode import Undecodable
 from mobiserve.server.transport.drain import CallGate
 from mobiserve.server.transport.errorlog import ErrorLog
@@ -52,7 +54,7 @@ log = logging.getLogger(__name__)
 
 CLOCK_SLACK_S = 0.005  # gRPC cancels at its own clock's deadline; ours may read a little earlier
 ANSWER_MARGIN_S = 0.05  # a held answer goes out this long before its call's deadline at the latest
-STREAM_WINDOW = 128  # messages read and not yet answered, per stream; past it the stream stops reading
+STREAM_WINDOW = 128  # messages read whose answers are not sent yet, per stream; past it the stream stops reading
 REQUEST_ID_HEADER = "x-request-id"  # call metadata naming the request, for messages that carry no id
 SHUTTING_DOWN = "the server is shutting down; send the request to another instance or retry shortly"
 MODELS_LOADING = "the models are still loading; retry shortly"
@@ -78,8 +80,11 @@ class Call:
     request_id: str = ""
     timeout_s: float = 0.0  # the request's own time limit (the Open Inference Protocol's `timeout`); 0: none
     invalid: str = ""  # why the request is refused before anything else (a parameter it got wrong)
+    priority: int = 0  # the priority level asked for, 1 the most urgent (0: the default; serving.lane_of)
     deadline: float = math.inf  # time.monotonic(); set by the handling
     enforce_deadline: bool = False  # the handling ends the request at `deadline` (gRPC does at the client's own)
+    streaming: bool = False  # a stream's message; set by the handling
+    lane: str = ""  # the lane that serves it; set by the handling once the model is known
 
 
 # The domain work of one request: decoded message, the model it names, its completed Call -> the
@@ -189,8 +194,11 @@ class CallHandling:
                     yield response
 
     async def classify(self, model: Servable, images: Sequence[ImageInput], call: Call) -> Classified:
-        """The model's answer to the call's images, by the call's deadline; into the metrics."""
-        result = await model.classify(images, call.deadline)
+        """The model's answer to the call's images, in the call's lane, by the call's deadline;
+        into the metrics. A stream's bulk message waits for room in a full lane (and its stream
+        is not read meanwhile); anything else in a full lane is refused (RESOURCE_EXHAUSTED)."""
+        call.lane = lane_of(model.description, call.priority, call.streaming)
+        result = await model.classify(images, call.deadline, call.lane, call.streaming and call.lane == BULK)
         t = result.timing
         self.metrics.observe_result(
             result.model, len(result.scores), t.queue_us / 1e6, t.preprocess_us / 1e6, t.inference_us / 1e6
@@ -214,6 +222,20 @@ class CallHandling:
 
     def close(self) -> None:
         self._answers.shutdown(wait=False, cancel_futures=True)
+
+    def bulk_model(self, call: Call) -> Servable | None:
+        """The model whose bulk lane a stream's message is bound for, known as it is read (None: it
+        goes elsewhere, or will be refused): what the stream's reader waits on before the next."""
+        registry = self.registry
+        if registry is None or call.invalid:
+            return None
+        try:
+            model = registry.get(call.model)
+            d = model.description
+            level = call.priority if call.priority <= d.priority_levels else 0  # as the inference service reads it
+            return model if lane_of(d, level, streaming=True) == BULK else None
+        except MobiserveError:
+            return None
 
     def label(self, name: str) -> str:
         """The model's name for metrics and logs, from a bounded set whatever the client sends."""
@@ -333,7 +355,8 @@ class _Stream(Generic[Req]):
         self._work = work
         self._failed = failed
         self._request_id = _request_id_of(context)  # the stream's, for messages that carry none
-        self._window = asyncio.Semaphore(STREAM_WINDOW)
+        self._window = asyncio.Semaphore(STREAM_WINDOW)  # messages read whose answers are not sent yet
+        self._bulk: Servable | None = None  # the model whose bulk lane the last message read went to
         self._answers: asyncio.Queue[bytes | None] = asyncio.Queue()
         self._handlers: set[asyncio.Task[None]] = set()
         self._reader: asyncio.Task[None] | None = None
@@ -345,7 +368,8 @@ class _Stream(Generic[Req]):
         reader.add_done_callback(self._end_if_all_answered)
         try:
             while (response := await self._answers.get()) is not None:
-                yield response
+                yield response  # returns once gRPC has sent it (or the client has room for it)
+                self._window.release()
             await self._handling._until_port_closed(self._context)
             await asyncio.wait({reader})
             if reader.cancelled():  # only drain() cancels it while the stream is being served
@@ -357,10 +381,20 @@ class _Stream(Generic[Req]):
                 task.cancel()
 
     async def _may_read(self) -> None:
-        """The one place the reader waits before it reads: for room in the stream's window (a
-        message once read is always answered; while the window is full, HTTP/2 flow control
-        holds the client back)."""
-        await self._window.acquire()
+        """The one place the reader waits before it reads, while HTTP/2 flow control holds the
+        client back: for room in the stream's window, which an answer holds until it is sent (a
+        message once read is always answered, and a client that does not read its answers must
+        not make the server keep more of them), and, when the last message went to a bulk lane,
+        for room in that lane (so that little bulk work waits in the server)."""
+        if self._window.locked():
+            with self._handling.metrics.paused("window"):
+                await self._window.acquire()
+        else:
+            await self._window.acquire()
+        bulk = self._bulk
+        if bulk is not None and not bulk.has_room(BULK):
+            with self._handling.metrics.paused("lane"):
+                await bulk.room(BULK)
 
     async def _read(self) -> None:
         iterator = aiter(self._requests)
@@ -369,17 +403,16 @@ class _Stream(Generic[Req]):
             request = await anext(iterator, None)
             if request is None:
                 return
-            task = asyncio.create_task(self._answer(request))
+            call = self._call_of(request)
+            call.streaming = True
+            self._bulk = self._handling.bulk_model(call)
+            task = asyncio.create_task(self._answer(request, call))
             self._handlers.add(task)
             task.add_done_callback(self._handler_done)
 
-    async def _answer(self, request: Req | Undecodable) -> None:
-        call = self._call_of(request)
+    async def _answer(self, request: Req | Undecodable, call: Call) -> None:
         self._handling._complete(call, None, call.request_id or self._request_id)
-        try:
-            outcome = await self._handling._answer(request, call, self._work, self._context, refuse=False)
-        finally:
-            self._window.release()
+        outcome = await self._handling._answer(request, call, self._work, self._context, refuse=False)
         if isinstance(outcome, Failed):  # a small answer: an error and the echoed (short) names
             outcome = self._failed(request, call, outcome).SerializeToString()
         self._answers.put_nowait(outcome)

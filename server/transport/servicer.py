@@ -11,9 +11,10 @@ from collections.abc import AsyncIterator
 
 import grpc
 
+from mobiserve.server.errors import InvalidInput
 from mobiserve.server.serving import Servable, checked_top_k
 from mobiserve.server.transport.calls import Call, CallHandling, Failed
-from mobiserve.server.transport.convert import answer_bytes, images_of, model_info, response_of
+from mobiserve.server.transport.convert import answer_bytes, images_of, level_of, model_info, response_of
 from mobiserve.server.transport.decode import Undecodable, lenient
 from mobiserve.server.transport.sizes import check_fits
 from mobiserve.server.transport.status import with_status
@@ -89,7 +90,13 @@ class ClassifierServicer(pb_grpc.ClassifierServicer):
 
 
 def _call(request: Request, method: str) -> Call:
-    return Call(method=method, model=request.model, request_id=request.request_id)
+    if isinstance(request, Undecodable):
+        return Call(method=method, model=request.model, request_id=request.request_id)
+    try:
+        level = level_of(request.priority)
+    except InvalidInput as exc:
+        return Call(method=method, model=request.model, request_id=request.request_id, invalid=str(exc))
+    return Call(method=method, model=request.model, request_id=request.request_id, priority=level)
 
 
 def _failed(request: Request, call: Call, why: Failed) -> pb.ClassifyResponse:

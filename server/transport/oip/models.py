@@ -63,7 +63,30 @@ def model_config(d: ModelDescription, face: Face) -> pb.ModelConfig:
         ],
         instance_group=[pb.ModelInstanceGroup(name=d.name, count=d.instances, kind=pb.ModelInstanceGroup.KIND_CPU)],
         default_model_filename=Path(d.path).name,
-        dynamic_batching=pb.ModelDynamicBatching(max_queue_delay_microseconds=round(d.max_queue_delay_ms * 1000)),
+        dynamic_batching=dynamic_batching(d),
+    )
+
+
+def dynamic_batching(d: ModelDescription) -> pb.ModelDynamicBatching:
+    """The batching and priority settings in Triton's terms: each level's queue policy is its
+    lane's (levels 1 .. interactive_levels: the interactive lane). An expired request is refused
+    (REJECT), and a request's own `timeout` is honoured. default_priority_level 0 means: by RPC,
+    ModelInfer level 1, ModelStreamInfer the last level (docs/serving.md#priorities)."""
+
+    def policy(max_queue_size: int) -> pb.ModelQueuePolicy:
+        return pb.ModelQueuePolicy(
+            timeout_action=pb.ModelQueuePolicy.REJECT, allow_timeout_override=True, max_queue_size=max_queue_size
+        )
+
+    return pb.ModelDynamicBatching(
+        max_queue_delay_microseconds=round(d.max_queue_delay_ms * 1000),
+        priority_levels=d.priority_levels,
+        default_priority_level=d.default_priority_level,
+        default_queue_policy=policy(d.max_queue_size),
+        priority_queue_policy={
+            level: policy(d.max_queue_size if level <= d.interactive_levels else d.bulk_max_queue_size)
+            for level in range(1, d.priority_levels + 1)
+        },
     )
 
 

@@ -42,6 +42,7 @@ SERVICE = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"]
 EXTENSIONS = ("classification", "model_configuration", "statistics")
 INFERENCE = ("ModelInfer", "ModelStreamInfer")  # through CallHandling: counted, answered with bytes
 TIMEOUT = "timeout"  # request parameter: microseconds; a deadline like the call's own
+PRIORITY = "priority"  # request parameter: a priority level, 1 the most urgent, 0 the model's default
 
 
 InferRequest = pb.ModelInferRequest | Undecodable  # what gRPC hands the servicer (transport/decode.py)
@@ -173,6 +174,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     async def _answer(self, request: pb.ModelInferRequest, model: Servable, call: Call, *, streamed: bool) -> bytes:
         d = model.description
+        if call.priority > d.priority_levels:
+            call.priority = 0  # as Triton does: a level the model does not have means its default
         face = self._face(request.model_name)
         _check_version(face.name or d.name, d.version, request.model_version)
         images = images_of(request, d, face)
@@ -193,10 +196,10 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             return Call(method=method, model=self._face(request.model).model, request_id=request.request_id)
         model = self._face(request.model_name).model
         try:
-            timeout_s = _timeout_s(request)
+            timeout_s, level = _timeout_s(request), _priority(request)
         except InvalidInput as exc:
             return Call(method=method, model=model, request_id=request.id, invalid=str(exc))
-        return Call(method=method, model=model, request_id=request.id, timeout_s=timeout_s)
+        return Call(method=method, model=model, request_id=request.id, timeout_s=timeout_s, priority=level)
 
     def _face(self, name: str) -> Face:
         registry = self.handling.registry
@@ -224,12 +227,22 @@ def _check_version(name: str, served: str, asked: str) -> None:
 
 def _timeout_s(request: pb.ModelInferRequest) -> float:
     """The `timeout` request parameter in seconds (0: none): the request's deadline, if it comes
-    before the call's own. Other parameters are let through: `priority` is accepted and ignored
-    (one queue serves every request), and so are those of protocol extensions this server does
-    not implement."""
+    before the call's own. Parameters other than `timeout` and `priority` are let through: those
+    of protocol extensions this server does not implement."""
     if TIMEOUT not in request.parameters:
         return 0.0
     micros = integer_parameter(request.parameters[TIMEOUT], TIMEOUT)
     if micros < 0:
         raise InvalidInput(f"parameter {TIMEOUT!r} is {micros}; give microseconds (0: none)")
     return micros / 1e6
+
+
+def _priority(request: pb.ModelInferRequest) -> int:
+    """The `priority` request parameter, as Triton reads it: a level, 1 the most urgent, 0 (or
+    absent) the model's default; a level above the model's levels is its default too (`_infer`)."""
+    if PRIORITY not in request.parameters:
+        return 0
+    level = integer_parameter(request.parameters[PRIORITY], PRIORITY)
+    if level < 0:
+        raise InvalidInput(f"parameter {PRIORITY!r} is {level}; give a level, 1 the most urgent (0: the default)")
+    return level
