@@ -165,9 +165,11 @@ def run_step(
     cores: int,
     probe: Probe | None = None,
     label: str = "",
+    progress: bool = True,
 ) -> StepResult:
     """Run one step from `load.processes` spawned workers and return its figures; `probe` reads
-    the server process over the measurement window (CPU by thread role, GIL)."""
+    the server process over the measurement window (CPU by thread role, GIL). `progress`: a
+    progress bar on a terminal (off for callers that draw their own)."""
     from tqdm import tqdm  # the bench extra's; imported when the harness runs, not when it registers
 
     ctx = mp.get_context("spawn")
@@ -187,7 +189,7 @@ def run_step(
             unit="s" if load.duration_s else "req",
             desc=label,
             leave=False,
-            disable=None,
+            disable=None if progress else True,
             bar_format="{desc} {bar} {n:.0f}/{total:.0f} {unit} [{elapsed}]",
         ) as bar:
 

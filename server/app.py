@@ -30,7 +30,7 @@ from mobiserve.common.labels import Labels
 from mobiserve.inference import grpc_service_pb2 as oip_pb
 from mobiserve.server import threads
 from mobiserve.server.config import ModelConfig, ServerConfig
-from mobiserve.server.cores import available_cores
+from mobiserve.server.cores import CoreLedger, machine_cores, preprocess_threads
 from mobiserve.server.memory import return_large_blocks_to_the_system, trim_when_idle
 from mobiserve.server.metrics import Metrics
 from mobiserve.server.metrics_http import MetricsServer
@@ -54,11 +54,11 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Classifier"].full_name  # "mobise
 SERVICES = (SERVICE_NAME, OIP_SERVICE_NAME)  # what health reports on, besides the server ("")
 
 
-def load_model(config: ModelConfig) -> Model:
+def load_model(config: ModelConfig, ledger: CoreLedger | None = None) -> Model:
     """Blocking: open the sessions and warm them up."""
     labels = Labels.load(config.synsets)
     tuning = SessionTuning(intra_op_threads=config.intra_op_threads, allow_spinning=config.allow_spinning)
-    model = Model(config.path, labels, tuning, config.instances)
+    model = Model(config.path, labels, tuning, config.instances, config.lone_threads, ledger)
     model.warm_up(config.max_batch_size)
     return model
 
@@ -70,6 +70,7 @@ class Worker:
     index: int
     all_ready: Any  # a multiprocessing Event the supervisor sets once every worker is ready
     ready: Any  # a multiprocessing Queue: (index, "ready") once it listens, (index, "serving") once SERVING
+    slots: Any = None  # the workers' shared CoreLedger memory (cores.shared_slots)
 
 
 @dataclass
@@ -100,9 +101,11 @@ class App:
         loop = asyncio.get_running_loop()
         limits = ImageLimits(max_pixels=self.config.max_pixels)
         served = self.served
+        worker = self.worker
+        ledger = CoreLedger(machine_cores(), *((worker.slots, worker.index) if worker and worker.slots else ()))
         for config in self.config.models:
             config = config.resolved()
-            model = await loop.run_in_executor(None, load_model, config)
+            model = await loop.run_in_executor(None, load_model, config, ledger)
             served.append(
                 ServedModel(
                     config,
@@ -114,11 +117,13 @@ class App:
                 )
             )
             log.info(
-                "event=model_loaded model=%s path=%s instances=%d intra_op_threads=%d max_batch_size=%d",
+                "event=model_loaded model=%s path=%s instances=%d intra_op_threads=%d lone_threads=%d "
+                "max_batch_size=%d",
                 config.name,
                 config.path,
                 config.instances,
                 config.intra_op_threads,
+                config.lone_threads,
                 config.max_batch_size,
             )
         registry = ModelRegistry(served, self.config.default)
@@ -256,7 +261,7 @@ async def create_app(config: ServerConfig, worker: Worker | None = None) -> App:
         await server.start()
     threads.name_grpc_poller()
     pool = ThreadPoolExecutor(
-        config.preprocess_threads or available_cores(),
+        config.preprocess_threads or preprocess_threads(),
         thread_name_prefix="preprocess",
         initializer=threads.name_current,
     )

@@ -60,6 +60,13 @@ def _add_serve(sub: Subcommands) -> None:
     )
     p.add_argument("--instances", type=int, default=0, help="onnxruntime sessions per model (0: one per 4 cores)")
     p.add_argument("--intra-op-threads", type=int, default=0, help="threads per session (0: cores / instances)")
+    p.add_argument(
+        "--lone-threads",
+        type=int,
+        default=0,
+        help="threads of the all-core path that lone requests take while the other workers are idle "
+        "(0: the server's cores, at most 4)",
+    )
     p.add_argument("--allow-spinning", action="store_true", help="let onnxruntime threads spin between batches")
     p.add_argument("--preprocess-threads", type=int, default=None, help="decode/resize threads (default: cores)")
     p.add_argument(
@@ -67,8 +74,8 @@ def _add_serve(sub: Subcommands) -> None:
         type=_workers,
         default=None,
         metavar="N|auto",
-        help="server processes sharing the port, each with its share of the cores (auto: one per 4 cores; "
-        "default 1). Connections, not calls, are spread over them",
+        help="server processes sharing the port, each with its share of the cores (default auto: one per "
+        "core). Connections, not calls, are spread over them",
     )
     p.add_argument("--pin-cpus", action="store_true", default=None, help="pin each worker to its share of the cores")
     p.add_argument("--max-images-per-request", type=int, default=None, help="default 256")
@@ -192,6 +199,7 @@ def _server_config(args: argparse.Namespace) -> ServerConfig:
         "max_queue_size": args.max_queue_size,
         "instances": args.instances,
         "intra_op_threads": args.intra_op_threads,
+        "lone_threads": args.lone_threads,
         "allow_spinning": args.allow_spinning,
     }
     if args.synsets:

@@ -13,7 +13,8 @@ TOML (paths relative to the file):
     max_batch_size = 32             # every [[models]] key below is optional
     max_queue_delay_ms = 0.0
     instances = 1
-    intra_op_threads = 2
+    intra_op_threads = 1
+    lone_threads = 2                # the all-core path for lone requests (runtime/model.py)
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from mobiserve.common.labels import IMAGENET_SYNSETS
-from mobiserve.server.runtime.session import default_instances, default_intra_op_threads
+from mobiserve.server.runtime.session import default_instances, default_intra_op_threads, default_lone_threads
 
 
 @dataclass(frozen=True)
@@ -39,17 +40,19 @@ class ModelConfig:
     max_queue_size: int = 1024  # images waiting for a batch; 0 = unbounded
     instances: int = 0  # 0: one per 4 cores
     intra_op_threads: int = 0  # 0: the cores divided among instances
+    lone_threads: int = 0  # threads of the all-core path for lone requests; 0: the server's cores, at most 4
     allow_spinning: bool = False
 
     def __post_init__(self) -> None:
         _at_least(self, 1, "max_batch_size")
-        _at_least(self, 0, "max_queue_delay_ms", "max_queue_size", "instances", "intra_op_threads")
+        _at_least(self, 0, "max_queue_delay_ms", "max_queue_size", "instances", "intra_op_threads", "lone_threads")
 
     def resolved(self) -> ModelConfig:
         """Fill the CPU-derived defaults for this machine."""
         instances = self.instances or default_instances()
         threads = self.intra_op_threads or default_intra_op_threads(instances)
-        return dataclasses.replace(self, instances=instances, intra_op_threads=threads)
+        lone = self.lone_threads or default_lone_threads()
+        return dataclasses.replace(self, instances=instances, intra_op_threads=threads, lone_threads=lone)
 
 
 @dataclass(frozen=True)
@@ -62,7 +65,7 @@ class ServerConfig:
     max_images_per_request: int = 256
     max_pixels: int = 50_000_000
     preprocess_threads: int = 0  # 0: one per core this process may use
-    workers: int = 1  # server processes on the port (server/workers.py); 0: one per 4 cores
+    workers: int = 0  # server processes on the port (server/workers.py); 0: one per core
     pin_cpus: bool = False  # pin each worker to its share of the cores
     default_timeout_s: float = 30.0  # when the client sets no deadline
     grace_s: float = 30.0  # SIGTERM: time to answer what is queued and in flight

@@ -10,7 +10,9 @@ The parent (this module, on its own event loop):
 - reserves the port (a socket bound with SO_REUSEPORT that never listens, so `--port 0` works and
   no other program takes the port between two workers' binds);
 - starts the workers (multiprocessing, spawned), each told its share of the cores through
-  $MOBISERVE_CORES and, with `pin_cpus`, pinned to those cores;
+  $MOBISERVE_CORES (and the server's through $MOBISERVE_SERVER_CORES) and, with `pin_cpus`,
+  pinned to those cores; they share a CoreLedger (server/cores.py), so that a lone request takes
+  the all-core path only while the other workers are idle;
 - turns health SERVING in every worker only once all of them are ready (a shared event);
 - restarts a worker that dies, after a backoff that grows while it keeps dying (logged,
   counted in `mobiserve_worker_restarts_total`);
@@ -39,11 +41,11 @@ from multiprocessing.synchronize import Event
 from typing import Any
 
 from mobiserve.server.config import ServerConfig
-from mobiserve.server.cores import CORES_ENV, available_cores
+from mobiserve.server.cores import CORES_ENV, SERVER_CORES_ENV, CoreLedger, available_cores, shared_slots
 
 log = logging.getLogger("mobiserve.server")
 
-CORES_PER_WORKER = 4  # `--workers auto`: one worker per this many cores (one session of 4 threads)
+CORES_PER_WORKER = 1  # `--workers auto`: one worker per core (docs/performance.md: measured, and why)
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"  # prometheus-client's own switch to multiprocess mode
 BACKOFF_S = (1.0, 2.0, 4.0, 8.0, 16.0, 30.0)  # before the 1st, 2nd, ... restart in a row
 STABLE_S = 60.0  # a worker up this long starts its backoff from the beginning again
@@ -73,6 +75,7 @@ class Supervisor:
     _slots: list[_Worker] = field(default_factory=list)
     _stopping: bool = False
     _failure: str = ""
+    _ledger: CoreLedger | None = None
 
     async def run(self) -> int:
         """Serve until a signal, then drain every worker. Returns the exit code."""
@@ -88,6 +91,7 @@ class Supervisor:
 
             restarts = Counter("mobiserve_worker_restarts", "Worker processes restarted after they died.")
             config = dataclasses.replace(self.config, port=port, metrics_port=0, workers=1)
+            self._ledger = CoreLedger(available_cores(), shared_slots(self.workers))
             all_ready: Event = self._ctx.Event()
             ready: Any = self._ctx.Queue()
             metrics_server = None
@@ -134,16 +138,19 @@ class Supervisor:
         stop.set()
 
     def _start(self, slot: _Worker, config: ServerConfig, all_ready: Event, ready: Any) -> None:
+        assert self._ledger is not None
+        self._ledger.clear(slot.index)  # a worker that died while busy no longer counts as busy
         os.environ[CORES_ENV] = str(len(slot.cpus) if slot.cpus else _share(self.workers))
+        os.environ[SERVER_CORES_ENV] = str(available_cores())
         try:
             slot.process = self._ctx.Process(
                 target=_worker_main,
-                args=(config, slot.index, slot.cpus, all_ready, ready, self.log_level),
+                args=(config, slot.index, slot.cpus, all_ready, ready, self.log_level, self._ledger.slots),
                 name=f"mobiserve-worker-{slot.index}",
             )
             slot.process.start()
         finally:
-            del os.environ[CORES_ENV]
+            del os.environ[CORES_ENV], os.environ[SERVER_CORES_ENV]
         slot.started, slot.restart_at = time.monotonic(), None
         log.info("event=worker_started worker=%d pid=%d cpus=%s", slot.index, slot.process.pid, _cpus(slot.cpus))
 
@@ -205,7 +212,7 @@ def _join(process: SpawnProcess) -> int | None:
 
 
 def _worker_main(
-    config: ServerConfig, index: int, cpus: tuple[int, ...], all_ready: Event, ready: Any, log_level: str
+    config: ServerConfig, index: int, cpus: tuple[int, ...], all_ready: Event, ready: Any, log_level: str, slots: Any
 ) -> None:
     """A worker process: a whole server on the shared port; health SERVING once all are ready."""
     if cpus:
@@ -216,7 +223,7 @@ def _worker_main(
 
     configure(log_level, worker=index)
     try:
-        asyncio.run(app.run(config, worker=app.Worker(index, all_ready, ready)))
+        asyncio.run(app.run(config, worker=app.Worker(index, all_ready, ready, slots)))
     except ModelLoadError as exc:
         ready.put((index, str(exc)))
         sys.exit(EXIT_STARTUP_FAILED)

@@ -15,6 +15,7 @@ import onnxruntime as ort
 from mobiserve.common.labels import Labels
 from mobiserve.common.zoo import sha256_of
 from mobiserve.server import threads
+from mobiserve.server.cores import CoreLedger
 from mobiserve.server.errors import ModelLoadError
 from mobiserve.server.processing.normalize import assemble
 from mobiserve.server.processing.postprocess import rank, softmax
@@ -37,24 +38,44 @@ SMALL_BATCH = 2  # batches up to this size may take the spinning session (see Mo
 class Model:
     """`instances` sessions of one ONNX file; `infer` may be called from that many threads at once.
 
-    With spinning off (the default, so idle intra-op threads leave the cores to preprocessing),
-    a lone image pays for waking onnxruntime's threads at every operator: ~0.4 ms of a ~2.5 ms
-    batch-1 run. So one extra session whose threads spin takes small batches when it is free:
-    small batches only happen when the server is lightly loaded, which is exactly when spinning
-    costs nothing. Both sessions run the same kernels with the same threads: same results.
+    `infer` picks the session for each batch (callers never choose):
+    - under load, the `instances` sessions of `intra_op_threads` threads each (with one worker per
+      core: one thread, the cheapest CPU per image), spinning off so that idle intra-op threads
+      leave the cores to preprocessing;
+    - the all-core path, while no other worker of the server needs those cores (`CoreLedger`):
+      small batches (a lone request on an idle server) on a session of `lone_threads` threads
+      that spin between operators (waking them at every operator costs ~0.4 ms of a ~2.5 ms
+      batch-1 run, and small batches only happen when the server is lightly loaded, so spinning
+      costs nothing then); larger batches, when this worker is the only busy one (its clients'
+      connections all landed on it), on a non-spinning session of `lone_threads` threads.
+    All sessions run the same kernels on the same model: same results.
     """
 
-    def __init__(self, path: str | Path, labels: Labels, tuning: SessionTuning, instances: int = 1):
+    def __init__(
+        self,
+        path: str | Path,
+        labels: Labels,
+        tuning: SessionTuning,
+        instances: int = 1,
+        lone_threads: int = 0,
+        ledger: CoreLedger | None = None,
+    ):
         self.path = str(path)
         self.sha256 = sha256_of(Path(path)) if Path(path).is_file() else ""
         self.labels = labels
         self.tuning = tuning
         self.instances = instances
+        self.lone_threads = lone_threads or tuning.intra_op_threads
+        self.ledger = ledger or CoreLedger(max(self.lone_threads, tuning.intra_op_threads * instances))
         if not Path(path).is_file():
             raise ModelLoadError(f"model file not found: {path}")
+        wide = replace(tuning, intra_op_threads=self.lone_threads)
         try:
             with threads.creating_threads_as(f"ort-{Path(path).stem}"):  # onnxruntime's pools inherit the name
                 sessions = [open_session(self.path, tuning) for _ in range(instances)]
+                same = tuning.allow_spinning and self.lone_threads == tuning.intra_op_threads
+                self._lone = None if same else open_session(self.path, replace(wide, allow_spinning=True))
+                self._wide = open_session(self.path, wide) if self.lone_threads > tuning.intra_op_threads else None
         except Exception as exc:  # onnxruntime raises its own Fail/InvalidProtobuf/... types
             first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise ModelLoadError(f"cannot load {path} with onnxruntime: {first_line}") from None
@@ -66,11 +87,8 @@ class Model:
         self._free: queue.SimpleQueue[ort.InferenceSession] = queue.SimpleQueue()
         for session in sessions:
             self._free.put(session)
-        with threads.creating_threads_as(f"ort-{Path(path).stem}"):
-            self._spinning = (
-                None if tuning.allow_spinning else open_session(self.path, replace(tuning, allow_spinning=True))
-            )
-        self._spinning_busy = threading.Lock()
+        self._lone_busy = threading.Lock()
+        self._wide_busy = threading.Lock()
 
     def infer(self, items: Sequence[np.ndarray]) -> BatchScores:
         """uint8 crops / float32 inputs -> scores. Blocks on a free session if all are busy."""
@@ -85,8 +103,10 @@ class Model:
         sessions = [self._free.get() for _ in range(self.instances)]
         try:
             runs = [(session, sorted({1, max_batch_size})) for session in sessions]
-            if self._spinning is not None:
-                runs.append((self._spinning, list(range(1, SMALL_BATCH + 1))))
+            if self._lone is not None:
+                runs.append((self._lone, list(range(1, SMALL_BATCH + 1))))
+            if self._wide is not None:
+                runs.append((self._wide, sorted({SMALL_BATCH + 1, max_batch_size})))
             for session, sizes in runs:
                 for n in sizes:
                     self._run(session, np.zeros((n, 3, INPUT_SIZE, INPUT_SIZE), dtype=np.float32))
@@ -96,16 +116,20 @@ class Model:
 
     @contextmanager
     def _session(self, batch_size: int) -> Iterator[ort.InferenceSession]:
-        """The spinning session for a small batch when it is free, else a regular one."""
-        if self._spinning is not None and batch_size <= SMALL_BATCH and self._spinning_busy.acquire(blocking=False):
+        """The all-core path when its cores are free and its session too, else a regular session."""
+        wide = (self._lone, self._lone_busy) if batch_size <= SMALL_BATCH else (self._wide, self._wide_busy)
+        session, busy = wide
+        if session is not None and self.ledger.free_for(self.lone_threads) and busy.acquire(blocking=False):
             try:
-                yield self._spinning
+                with self.ledger.running(self.lone_threads):
+                    yield session
             finally:
-                self._spinning_busy.release()
+                busy.release()
             return
         session = self._free.get()
         try:
-            yield session
+            with self.ledger.running(self.tuning.intra_op_threads):
+                yield session
         finally:
             self._free.put(session)
 
