@@ -124,10 +124,11 @@ class Supervisor:
                     await asyncio.wait_for(stop.wait(), 0.2)
                 except TimeoutError:
                     pass
-            code = await self._drain()
+            code = await self._drain(signal.SIGKILL if self._failure and not all_ready.is_set() else signal.SIGTERM)
             if metrics_server is not None:
                 await metrics_server.close()
-        log.info("event=stopped workers=%d", self.workers)
+        if not self._failure:  # a server that never served has its reason to say, and only that
+            log.info("event=stopped workers=%d", self.workers)
         if self._failure:
             print(f"mobiserve: error: {self._failure}", file=sys.stderr)
             return 1
@@ -192,17 +193,19 @@ class Supervisor:
                 restarts.inc()
                 self._start(slot, config, all_ready, ready)
 
-    async def _drain(self) -> int:
-        """Forward SIGTERM to every worker and wait for all of them; 0 if all exited 0."""
+    async def _drain(self, sig: signal.Signals = signal.SIGTERM) -> int:
+        """Forward SIGTERM to every worker and wait for all of them; 0 if all exited 0. (SIGKILL
+        when the server never served: nothing to drain, and nothing to say but why.)"""
         self._stopping = True
         alive = [s.process for s in self._slots if s.process is not None]
         for process in alive:
             if process.pid is not None and process.exitcode is None:
-                os.kill(process.pid, signal.SIGTERM)
+                os.kill(process.pid, sig)
         loop = asyncio.get_running_loop()
         codes = [await loop.run_in_executor(None, _join, process) for process in alive]
         for process, code in zip(alive, codes):
-            log.info("event=worker_stopped pid=%d code=%s", process.pid, code)
+            if sig == signal.SIGTERM:
+                log.info("event=worker_stopped pid=%d code=%s", process.pid, code)
         return 0 if all(code == 0 for code in codes) else 1
 
 
@@ -226,6 +229,9 @@ def _worker_main(
         asyncio.run(app.run(config, worker=app.Worker(index, all_ready, ready, slots)))
     except ModelLoadError as exc:
         ready.put((index, str(exc)))
+        sys.exit(EXIT_STARTUP_FAILED)
+    except OSError as exc:  # the TLS files, the metrics port: the same for every worker and restart
+        ready.put((index, f"cannot start the server: {exc}"))
         sys.exit(EXIT_STARTUP_FAILED)
 
 

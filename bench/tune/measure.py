@@ -54,9 +54,9 @@ class Setup:
 
 
 def connections(candidate: Candidate, processes: int) -> int:
-    """Connections per load process: about two per worker in all, so that the kernel's spread of
-    connections over the workers is even enough (it spreads connections, not calls)."""
-    return max(1, math.ceil(2 * candidate.workers / processes))
+    """Connections per load process: about four per worker in all, so that the kernel's spread of
+    connections over the workers (by a hash: it spreads connections, not calls) is even enough."""
+    return max(1, math.ceil(4 * candidate.workers / processes))
 
 
 def measure(config: Path, candidate: Candidate, setup: Setup, windows: Windows, log: Path | None = None) -> Figures:
