@@ -41,7 +41,14 @@ from multiprocessing.synchronize import Event
 from typing import Any
 
 from mobiserve.server.config import ServerConfig
-from mobiserve.server.cores import CORES_ENV, SERVER_CORES_ENV, CoreLedger, available_cores, shared_slots
+from mobiserve.server.cores import (
+    CORES_ENV,
+    SERVER_CORES_ENV,
+    CoreLedger,
+    available_cores,
+    machine_cores,
+    shared_slots,
+)
 
 log = logging.getLogger("mobiserve.server")
 
@@ -91,7 +98,7 @@ class Supervisor:
 
             restarts = Counter("mobiserve_worker_restarts", "Worker processes restarted after they died.")
             config = dataclasses.replace(self.config, port=port, metrics_port=0, workers=1)
-            self._ledger = CoreLedger(available_cores(), shared_slots(self.workers))
+            self._ledger = CoreLedger(machine_cores(), shared_slots(self.workers))
             all_ready: Event = self._ctx.Event()
             ready: Any = self._ctx.Queue()
             metrics_server = None
@@ -141,8 +148,8 @@ class Supervisor:
     def _start(self, slot: _Worker, config: ServerConfig, all_ready: Event, ready: Any) -> None:
         assert self._ledger is not None
         self._ledger.clear(slot.index)  # a worker that died while busy no longer counts as busy
+        os.environ[SERVER_CORES_ENV] = str(machine_cores())  # before CORES_ENV, which would cap it
         os.environ[CORES_ENV] = str(len(slot.cpus) if slot.cpus else _share(self.workers))
-        os.environ[SERVER_CORES_ENV] = str(available_cores())
         try:
             slot.process = self._ctx.Process(
                 target=_worker_main,
