@@ -8,7 +8,7 @@ MODEL_MIRROR ?= $(wildcard $(SHARED)/models)
 export MOBISERVE_MODEL_MIRROR ?= $(MODEL_MIRROR)
 PYTEST_ARGS ?=
 
-.PHONY: setup serve models test test-fast lint check-protos protos bench clean
+.PHONY: setup serve models test test-fast lint check-protos protos bench tune clean
 
 setup: $(BIN)/.installed
 
@@ -47,6 +47,11 @@ BENCH_ARGS ?= --concurrency 1,8,32,64 --duration 10 --baseline --compare-unbatch
 bench: setup ## measure throughput and latency; the report goes to reports/bench-<time>/ (not committed)
 	$(BIN)/mobiserve bench --serve="$(if $(BENCH_MODEL),--model $(BENCH_MODEL))" --images $(BENCH_IMAGES) \
 		$(BENCH_ARGS) --output reports/bench-$$(date +%Y%m%d-%H%M%S)
+
+# `make tune`: the best serving configuration for this machine, written to mobiserve-tuned.toml
+TUNE_ARGS ?= --budget 300
+tune: setup ## search workers x threads x batch x delay within a time budget; serve the result with --config
+	$(BIN)/mobiserve tune $(if $(BENCH_MODEL),--model $(BENCH_MODEL)) --images $(BENCH_IMAGES) $(TUNE_ARGS)
 
 check-protos: protos ## fail if the committed stubs differ from the .proto
 	git diff --exit-code -- protos/

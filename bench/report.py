@@ -371,7 +371,7 @@ def print_table(report: Report, out: TextIO) -> None:
             f"{pre.speedup:.2f}x"
         )
     limit = machine_limit(report)
-    if limit is not None and b is not None:
+    if limit is not None and b is not None and pre is not None:
         p(
             f"L, the machine's limit: {m.cores} cores x 1000 / (onnxruntime's best {min(b.ort_cpu_ms.values()):.2f} "
             f"+ preprocessing {pre.own_total_ms:.2f} ms of CPU per image) = {limit:.0f} images/s"
