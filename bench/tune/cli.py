@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import signal
 import sys
 import tempfile
@@ -10,6 +11,7 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -17,7 +19,7 @@ from mobiserve.common import zoo
 from mobiserve.common.command import fail, missing
 from mobiserve.common.datasets import IMAGE_SUFFIXES, image_files
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # the thin install has `mobiserve` (and so this module) but not the bench extra
     from mobiserve.bench.tune.measure import Setup, Windows
     from mobiserve.bench.tune.output import Served
     from mobiserve.bench.tune.space import Budget, Candidate, Trial
@@ -83,18 +85,20 @@ def _tune(args: argparse.Namespace) -> int:
         return fail(str(exc))
 
 
+@dataclass(frozen=True)
 class Plan:
     """Checked arguments."""
 
-    def __init__(self, args: argparse.Namespace, served: Served, setup: Setup, budget: Budget):
-        self.args, self.served, self.setup, self.budget = args, served, setup, budget
-        self.seconds: float = args.budget
-        self.output: Path = args.output
-        self.report: Path = args.report or Path("reports") / time.strftime("tune-%Y%m%d-%H%M%S")
+    served: Served
+    setup: Setup
+    budget: Budget
+    seconds: float
+    output: Path
+    report: Path
 
 
 def _checked(args: argparse.Namespace) -> Plan:
-    from mobiserve.bench.tune.measure import Setup
+    from mobiserve.bench.tune.measure import Setup, Windows
     from mobiserve.bench.tune.output import Served
     from mobiserve.bench.tune.space import Budget
     from mobiserve.server.cores import machine_cores
@@ -120,17 +124,13 @@ def _checked(args: argparse.Namespace) -> Plan:
         raise TuneError(f"--output: {args.output} is a folder; give the config file's path")
     cores = machine_cores()
     setup = Setup(images=tuple(str(p) for p in images), cores=cores, rate=args.rate or 0.0)
-    least = _first_guess(cores)
+    least = SERVER_START_S + Windows().seconds + 3 * CLIENT_START_S + WRITE_RESERVE_S
     if args.budget < least:
         raise TuneError(f"--budget {args.budget:g} s is too short: one configuration takes about {least:.0f} s here")
     name = args.name or model.name.removesuffix(".onnx")
-    return Plan(args, Served(model, name, args.synsets), setup, Budget(args.p50_ms, args.p99_ms))
-
-
-def _first_guess(cores: int) -> float:
-    from mobiserve.bench.tune.measure import Windows
-
-    return SERVER_START_S + Windows().seconds + 3 * CLIENT_START_S + WRITE_RESERVE_S
+    report = args.report or Path("reports") / time.strftime("tune-%Y%m%d-%H%M%S")
+    served = Served(model, name, args.synsets)
+    return Plan(served, setup, Budget(args.p50_ms, args.p99_ms), args.budget, args.output, report)
 
 
 @contextmanager
@@ -192,7 +192,7 @@ def run(plan: Plan) -> int:
             overhead.append(time.monotonic() - t0 - w.seconds)
             trial.runs.append(figures)
             if not setup.rate:  # the open loop's rate is fixed by the first measurement
-                setup = type(setup)(setup.images, setup.cores, figures.rate, setup.timeout_s)
+                setup = dataclasses.replace(setup, rate=figures.rate)
             tqdm.write(
                 f"{stage:>5}  {candidate.label}: {figures.saturated_img_s:.1f} img/s saturated, lone p50 "
                 f"{figures.lone_p50_ms:.2f} ms, at {figures.rate:.0f}/s p99 {figures.rate_p99_ms:.1f} ms"

@@ -61,7 +61,6 @@ def connections(candidate: Candidate, processes: int) -> int:
 
 def measure(config: Path, candidate: Candidate, setup: Setup, windows: Windows, log: Path | None = None) -> Figures:
     """Serve `config` (the candidate's TOML) and measure it; a BenchError if it does not serve."""
-    with_rate = setup.rate
     with _serving(config, log) as target:
         lone = _step(target, setup, windows.lone_s, windows.warmup_s, concurrency=1, processes=1, connections=1)
         processes = setup.client_processes
@@ -75,7 +74,7 @@ def measure(config: Path, candidate: Candidate, setup: Setup, windows: Windows, 
             processes=processes,
             connections=spread,
         )
-        rate = with_rate or max(1.0, saturated.img_s / 2)
+        rate = setup.rate or max(1.0, saturated.img_s / 2)
         opened = _step(
             target, setup, windows.rate_s, windows.warmup_s, rate=rate, processes=processes, connections=spread
         )
