@@ -8,7 +8,7 @@ MODEL_MIRROR ?= $(wildcard $(SHARED)/models)
 export MOBISERVE_MODEL_MIRROR ?= $(MODEL_MIRROR)
 PYTEST_ARGS ?=
 
-.PHONY: setup serve models test test-fast lint check-protos protos bench clean dist
+.PHONY: setup serve models test test-fast lint check-protos protos bench tune clean dist
 
 setup: $(BIN)/.installed
 
@@ -56,6 +56,11 @@ dist: setup ## build the wheel into $(DIST)/
 	rm -f $(DIST)/mobiserve-*.whl
 	$(BIN)/pip wheel --no-deps --quiet -w $(DIST) .
 	@ls $(DIST)/mobiserve-*.whl
+
+# `make tune`: the best serving configuration for this machine, written to mobiserve-tuned.toml
+TUNE_ARGS ?= --budget 300
+tune: setup ## search workers x threads x batch x delay within a time budget; serve the result with --config
+	$(BIN)/mobiserve tune $(if $(BENCH_MODEL),--model $(BENCH_MODEL)) --images $(BENCH_IMAGES) $(TUNE_ARGS)
 
 check-protos: protos ## fail if the committed stubs differ from the .proto
 	git diff --exit-code -- protos/

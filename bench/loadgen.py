@@ -170,10 +170,12 @@ def run_step(
     cores: int,
     probe: Probe | None = None,
     label: str = "",
+    progress: bool = True,
 ) -> StepResult:
     """Run one step from `load.processes` spawned workers and return its figures; `probe` reads
-    the server process over the measurement window (CPU by thread role, GIL)."""
-    return run_together([(workload, load)], server, cores, probe, label)[0]
+    the server process over the measurement window (CPU by thread role, GIL). `progress`: a
+    progress bar on a terminal (off for callers that draw their own)."""
+    return run_together([(workload, load)], server, cores, probe, label, progress)[0]
 
 
 def run_together(
@@ -182,6 +184,7 @@ def run_together(
     cores: int,
     probe: Probe | None = None,
     label: str = "",
+    progress: bool = True,
 ) -> list[StepResult]:
     """Run several loads at once (e.g. a unary caller beside bulk streams), each from its own
     spawned workers, all on one clock and measured over the same window; one result per part,
@@ -212,7 +215,7 @@ def run_together(
             unit="s" if load.duration_s else "req",
             desc=label,
             leave=False,
-            disable=None,
+            disable=None if progress else True,
             bar_format="{desc} {bar} {n:.0f}/{total:.0f} {unit} [{elapsed}]",
         ) as bar:
 

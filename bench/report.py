@@ -107,6 +107,17 @@ def _ratio(value: float, reference: float | None) -> float | None:
     return value / reference if reference else None
 
 
+def machine_limit(report: Report) -> float | None:
+    """L, images/s: what this machine's cores could do with no gRPC and no server at all, each
+    image costing onnxruntime's best CPU per image (on ready tensors, the server's session tuning)
+    plus mobiserve's preprocessing per image (decode, crop and normalisation, one thread)."""
+    b, pre = report.baseline, report.preprocess
+    if b is None or pre is None or not b.ort_cpu_ms:
+        return None
+    per_image_ms = min(b.ort_cpu_ms.values()) + pre.own_total_ms
+    return report.machine.cores * 1000 / per_image_ms if per_image_ms > 0 else None
+
+
 def headline_ratios(report: Report) -> list[Ratio]:
     """The targets, at concurrency 32 (else the highest measured) and 1."""
     out: list[Ratio] = []
@@ -131,6 +142,9 @@ def headline_ratios(report: Report) -> list[Ratio]:
         ):
             value = r[key]
             add(f"{c} img/s / {name}", value, f">= {floor:g}", value is not None and value >= floor)
+        if top.inputs == "jpeg" and (limit := machine_limit(report)):
+            value = top.img_s / limit
+            add(f"{c} img/s / L, the machine's limit ({limit:.0f} img/s)", value, ">= 0.9", value >= 0.9)
         add(f"{c} p99 / p50", top.p99_ms / top.p50_ms, "<= 3", top.p99_ms <= 3 * top.p50_ms)
         one = next((s for s in closed if s.concurrency == 1 and s.inputs == "jpeg" and s.batch == 1), None)
         if one is not None and b is not None:
@@ -356,6 +370,12 @@ def print_table(report: Report, out: TextIO) -> None:
             f"preprocessing, ms/image (median of {pre.images} images, one thread): card's Pillow {pre.card_ms:.2f}; "
             f"mobiserve {pre.own_total_ms:.2f} = decode+crop {pre.own_ms:.2f} + normalise {pre.normalize_ms:.2f}; "
             f"{pre.speedup:.2f}x"
+        )
+    limit = machine_limit(report)
+    if limit is not None and b is not None and pre is not None:
+        p(
+            f"L, the machine's limit: {m.cores} cores x 1000 / (onnxruntime's best {min(b.ort_cpu_ms.values()):.2f} "
+            f"+ preprocessing {pre.own_total_ms:.2f} ms of CPU per image) = {limit:.0f} images/s"
         )
     if report.ratios:
         p("")

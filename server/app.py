@@ -24,7 +24,7 @@ from mobiserve.server import threads
 from mobiserve.server.batching import Ran
 from mobiserve.server.binding import bind, check_bindable, is_loopback
 from mobiserve.server.config import ModelConfig, ServerConfig
-from mobiserve.server.cores import available_cores
+from mobiserve.server.cores import CoreLedger, machine_cores, preprocess_threads
 from mobiserve.server.handshake import Handshake
 from mobiserve.server.memory import return_large_blocks_to_the_system
 from mobiserve.server.metrics import Metrics
@@ -46,19 +46,21 @@ from mobiserve.server.upkeep import Upkeep
 log = logging.getLogger("mobiserve.server")
 HEALTH = health_pb2.DESCRIPTOR.services_by_name["Health"]
 SERVICES = (classifier.SERVICE.full_name, oip.SERVICE.full_name)  # what health reports on, besides the server ("")
-ModelLoader = Callable[[ModelConfig], Model]
+ModelLoader = Callable[[ModelConfig, CoreLedger], Model]
 
 
-SPARE_SESSIONS = 1  # per model, for interactive work beside bulk batches (serving.ServedModel)
-SPARE_THREADS = 1  # its intra-op threads: one runs a lone image without waking a pool, and takes one core
+SPARE_SESSIONS = 1  # per model: narrow sessions only interactive work takes, so that it runs beside bulk batches
 
 
-def load_model(config: ModelConfig, open_session: SessionOpener = open_session, nice: int = 0) -> Model:
-    """Blocking: open the sessions and warm them up. `nice`: the regular sessions' threads run
-    at an OS priority lowered by this much (the spinning and the spare session's do not)."""
+def load_model(
+    config: ModelConfig, ledger: CoreLedger | None = None, open_session: SessionOpener = open_session
+) -> Model:
+    """Blocking: open the sessions (the regular ones, the spare ones, the all-core path) and warm them up."""
     labels = Labels.load(config.synsets)
     tuning = SessionTuning(intra_op_threads=config.intra_op_threads, allow_spinning=config.allow_spinning)
-    model = Model(config.path, labels, tuning, config.instances, open_session, SPARE_THREADS, nice)
+    model = Model(
+        config.path, labels, tuning, config.instances + SPARE_SESSIONS, config.lone_threads, ledger, open_session
+    )
     model.warm_up(config.max_batch_size)
     return model
 
@@ -88,13 +90,15 @@ class App:
 
     async def load_models(self, load: ModelLoader | None = None) -> ModelRegistry:
         """Load and warm every model and take requests; health stays NOT_SERVING until `serving()`."""
-        load = load or functools.partial(load_model, nice=self.config.bulk_nice)
+        load = load or load_model
         loop = asyncio.get_running_loop()
         limits = ImageLimits(max_pixels=self.config.max_pixels)
         served = self.served
+        shared = self.handshake
+        ledger = CoreLedger(machine_cores(), *((shared.slots, shared.index) if shared and shared.slots else ()))
         for config in self.config.models:
             config = config.resolved()
-            model = await loop.run_in_executor(None, load, config)
+            model = await loop.run_in_executor(None, load, config, ledger)
             served.append(
                 ServedModel(
                     config,
@@ -108,11 +112,13 @@ class App:
                 )
             )
             log.info(
-                "event=model_loaded model=%s path=%s instances=%d intra_op_threads=%d max_batch_size=%d",
+                "event=model_loaded model=%s path=%s instances=%d intra_op_threads=%d lone_threads=%d "
+                "max_batch_size=%d",
                 config.name,
                 config.path,
                 config.instances,
                 config.intra_op_threads,
+                config.lone_threads,
                 config.max_batch_size,
             )
         registry = ModelRegistry(served, self.config.default)
@@ -235,7 +241,7 @@ async def create_app(config: ServerConfig, handshake: Handshake | None = None) -
     threads.name_grpc_poller()
     pools = [  # bulk work's threads run below interactive work's (threads.py)
         ThreadPoolExecutor(
-            config.preprocess_threads or available_cores(),
+            config.preprocess_threads or preprocess_threads(),
             thread_name_prefix="preprocess",
             initializer=threads.pool_initializer(0 if lane == INTERACTIVE else config.bulk_nice),
         )

@@ -89,6 +89,13 @@ def _add_serve(sub: Subcommands) -> None:
         help=f"threads per session ({model('intra_op_threads', zero='the cores divided among the instances')})",
     )
     m.add_argument(
+        "--lone-threads",
+        type=int,
+        metavar="N",
+        help="threads of the all-core path, which interactive work takes while the server's other cores are "
+        f"idle ({model('lone_threads', zero='all cores of the server, at most 4')})",
+    )
+    m.add_argument(
         "--allow-spinning",
         action="store_true",
         default=None,
@@ -126,7 +133,8 @@ def _add_serve(sub: Subcommands) -> None:
         "--preprocess-threads",
         type=int,
         metavar="N",
-        help=f"decode/resize threads ({server('preprocess_threads', zero='one per core')})",
+        help="decode/resize threads per lane "
+        f"({server('preprocess_threads', zero='twice the share of the cores of each worker, at most all of them')})",
     )
     p.add_argument(
         "--bulk-nice",
@@ -139,8 +147,8 @@ def _add_serve(sub: Subcommands) -> None:
         "--workers",
         type=_workers,
         metavar="N|auto",
-        help="server processes sharing the port, each with its share of the cores (auto: one per 4 cores; "
-        f"{server('workers')}). Connections, not calls, are spread over them",
+        help="server processes sharing the port, each with its share of the cores "
+        f"({server('workers', zero='one per core')}). Connections, not calls, are spread over them",
     )
     p.add_argument(
         "--pin-cpus",
@@ -246,6 +254,7 @@ MODEL_FLAGS = {
     "max_queue_size": "--max-queue-size",
     "instances": "--instances",
     "intra_op_threads": "--intra-op-threads",
+    "lone_threads": "--lone-threads",
     "allow_spinning": "--allow-spinning",
     "default_priority_level": "--default-priority-level",
     "bulk_max_batch_size": "--bulk-max-batch-size",

@@ -18,7 +18,8 @@ TOML (paths relative to the file; docs/operations.md has a complete example):
     max_batch_size = 32             # every [[models]] key below is optional
     max_queue_delay_ms = 0.0
     instances = 1
-    intra_op_threads = 2
+    intra_op_threads = 1
+    lone_threads = 2                # the all-core path for interactive work (runtime/model.py)
     bulk_max_batch_size = 8         # the lanes: docs/serving.md#priorities
 """
 
@@ -68,6 +69,7 @@ class ModelConfig:
     max_queue_size: Count = 1024  # interactive lane: images waiting for a batch; 0 = unbounded
     instances: Count = 0  # 0: one per 4 cores
     intra_op_threads: Count = 0  # 0: the cores divided among instances
+    lone_threads: Count = 0  # the all-core path's threads (interactive work); 0: the server's cores, at most 4
     allow_spinning: bool = False
     # Priorities and lanes (docs/serving.md#priorities), named after Triton's dynamic_batching
     # settings: requests ask for a level, 1 (most urgent) .. priority_levels; levels up to
@@ -94,11 +96,12 @@ class ModelConfig:
 
     def resolved(self) -> ModelConfig:
         """Fill the CPU-derived defaults for this machine."""
-        from mobiserve.server.runtime.session import default_instances, default_intra_op_threads
+        from mobiserve.server.runtime.session import default_instances, default_intra_op_threads, default_lone_threads
 
         instances = self.instances or default_instances()
         threads = self.intra_op_threads or default_intra_op_threads(instances)
-        return dataclasses.replace(self, instances=instances, intra_op_threads=threads)
+        lone = self.lone_threads or default_lone_threads()
+        return dataclasses.replace(self, instances=instances, intra_op_threads=threads, lone_threads=lone)
 
 
 @dataclass(frozen=True)
@@ -110,9 +113,9 @@ class ServerConfig:
     max_message_bytes: MessageBytes = 64 << 20
     max_images_per_request: AtLeastOne = 256
     max_pixels: AtLeastOne = 50_000_000
-    preprocess_threads: Count = 0  # 0: one per core this process may use (per lane)
+    preprocess_threads: Count = 0  # per lane; 0: twice this process's share of the cores, at most all of them
     bulk_nice: Nice = 3  # bulk work's threads run at an OS priority lowered by this (0: as interactive)
-    workers: Count = 1  # server processes on the port (server/workers.py); 0: one per 4 cores
+    workers: Count = 0  # server processes on the port (server/workers.py); 0: one per core
     pin_cpus: bool = False  # pin each worker to its share of the cores
     default_timeout_s: Positive = 30.0  # when the client sets no deadline
     grace_s: NonNegative = 30.0  # SIGTERM: time to answer what is queued and in flight

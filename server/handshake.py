@@ -16,6 +16,7 @@ class Handshake:
     index: int
     all_ready: Any  # a multiprocessing Event the supervisor sets once every worker listens
     ready: Any  # a multiprocessing Queue: (index, "ready") once it listens, (index, "serving") once SERVING
+    slots: Any = None  # the workers' shared CoreLedger memory (cores.shared_slots)
 
     def listening(self) -> None:
         self.ready.put((self.index, "ready"))

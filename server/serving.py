@@ -212,14 +212,14 @@ def prepare(index: int, image: ImageInput, limits: ImageLimits, deadline: float 
         raise InvalidInput(f"image {index}: {exc}") from None
 
 
-def scores_of(model: Model, items: list[np.ndarray], spare: bool = False) -> list[ImageScores]:
-    """Worker thread: one onnxruntime run over prepared items."""
-    batch = model.infer(items, spare)
+def scores_of(model: Model, items: list[np.ndarray], widen: bool = True) -> list[ImageScores]:
+    """Worker thread: one onnxruntime run over prepared items (`widen`: Model.infer)."""
+    batch = model.infer(items, widen)
     return [ImageScores(*row) for row in zip(batch.logits, batch.probabilities, batch.order)]
 
 
 def run_whole(
-    model: Model, images: Sequence[ImageInput], limits: ImageLimits, deadline: float | None = None, spare: bool = False
+    model: Model, images: Sequence[ImageInput], limits: ImageLimits, deadline: float | None = None, widen: bool = True
 ) -> tuple[list[ImageScores], float]:
     """Worker thread: preprocess and infer one request in a single trip, with no batcher.
     Returns the scores and the seconds spent preprocessing."""
@@ -228,7 +228,7 @@ def run_whole(
     prepared = time.perf_counter() - started
     if deadline is not None and time.monotonic() >= deadline:  # expired while preprocessing
         raise DeadlineExceeded("deadline passed before inference; not run")
-    return scores_of(model, items, spare), prepared
+    return scores_of(model, items, widen), prepared
 
 
 class ServedModel:
@@ -236,9 +236,11 @@ class ServedModel:
 
     Each lane has its own threads: preprocessing (`preprocess_pools`, one executor per lane, shared
     by all models) and inference (here), so an interactive image never queues behind bulk images
-    for a thread. Bulk threads run at an OS priority lowered by `nice` (as the model's regular
-    sessions do), so that the kernel runs interactive work first. `spare` sessions take only
-    interactive work (the model's spare session), beside bulk batches."""
+    for a thread. Bulk threads run at an OS priority lowered by `nice`, so that the kernel runs
+    interactive work first. The model has `spare` sessions more than the batcher's regular ones,
+    which only interactive work takes, so that it runs beside bulk batches. Only interactive work
+    takes the model's all-core path: bulk work runs on the narrow sessions, where an image costs
+    the least CPU, at its lower priority."""
 
     def __init__(
         self,
@@ -316,16 +318,16 @@ class ServedModel:
         pool = self._preprocess_pools[lane]
         return await loop.run_in_executor(pool, prepare, index, image, self.limits, deadline)
 
-    async def _run_batch(self, items: list[np.ndarray], lane: int, spare: bool) -> list[ImageScores]:
+    async def _run_batch(self, items: list[np.ndarray], lane: int) -> list[ImageScores]:
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._infer_pools[lane], scores_of, self.model, items, spare)
+        return await loop.run_in_executor(
+            self._infer_pools[lane], scores_of, self.model, items, LANES[lane] == INTERACTIVE
+        )
 
-    async def _run_alone(
-        self, image: ImageInput, deadline: float | None, lane: int, spare: bool
-    ) -> tuple[ImageScores, float]:
+    async def _run_alone(self, image: ImageInput, deadline: float | None, lane: int) -> tuple[ImageScores, float]:
         loop = asyncio.get_running_loop()
         scores, prepared_s = await loop.run_in_executor(
-            self._infer_pools[lane], run_whole, self.model, [image], self.limits, deadline, spare
+            self._infer_pools[lane], run_whole, self.model, [image], self.limits, deadline, LANES[lane] == INTERACTIVE
         )
         return scores[0], prepared_s
 

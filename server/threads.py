@@ -16,8 +16,9 @@ Linux only (prctl and /proc); elsewhere every call does nothing. The kernel keep
 Threads that do bulk work run at a lower OS priority (a higher nice value, `lower_priority`), so
 that the kernel runs interactive work first on the cores they share, in this process and in the
 other workers alike. A thread can lower its own priority but not raise it again: only threads
-made for bulk work are lowered, and native pools are created from a thread lowered for them
-(`run_at_lower_priority`), whose priority they inherit.
+made for bulk work are lowered. onnxruntime runs a one-thread session's batch on the thread that
+calls it (it starts no pool), so a bulk batch on a worker's one-thread session runs at its bulk
+inference thread's priority.
 """
 
 from __future__ import annotations
@@ -27,11 +28,7 @@ import os
 import sys
 import threading
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from typing import TypeVar
-
-V = TypeVar("V")
 
 _PR_SET_NAME = 15
 _PR_GET_NAME = 16
@@ -111,15 +108,6 @@ def lower_priority(by: int) -> None:
             os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + by))
         except OSError:
             pass
-
-
-def run_at_lower_priority(by: int, work: Callable[[], V]) -> V:
-    """`work()` in a thread of its own at a priority lowered by `by`: the threads it starts (an
-    onnxruntime session's pool) inherit that priority; the caller keeps its own."""
-    if by <= 0:
-        return work()
-    with ThreadPoolExecutor(1, initializer=lower_priority, initargs=(by,)) as one:
-        return one.submit(work).result()
 
 
 def pool_initializer(nice: int = 0) -> Callable[[], None]:

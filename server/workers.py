@@ -10,7 +10,9 @@ The parent (this module, on its own event loop):
 - reserves the port (a socket bound with SO_REUSEPORT that never listens, so `--port 0` works and
   no other program takes the port between two workers' binds);
 - starts the workers (multiprocessing, spawned), each told its share of the cores through
-  $MOBISERVE_CORES and, with `pin_cpus`, pinned to those cores;
+  $MOBISERVE_CORES (and the server's through $MOBISERVE_SERVER_CORES) and, with `pin_cpus`,
+  pinned to those cores; they share a CoreLedger (server/cores.py), so that a lone request takes
+  the all-core path only while the other workers are idle;
 - turns health SERVING in every worker only once all of them are ready (a shared event);
 - restarts a worker that dies, after a backoff that grows while it keeps dying (logged,
   counted in `mobiserve_worker_restarts_total`);
@@ -43,11 +45,18 @@ from multiprocessing.synchronize import Event
 from typing import Any
 
 from mobiserve.server.config import ServerConfig
-from mobiserve.server.cores import CORES_ENV, available_cores
+from mobiserve.server.cores import (
+    CORES_ENV,
+    SERVER_CORES_ENV,
+    CoreLedger,
+    available_cores,
+    machine_cores,
+    shared_slots,
+)
 
 log = logging.getLogger("mobiserve.server")
 
-CORES_PER_WORKER = 4  # `--workers auto`: one worker per this many cores (one session of 4 threads)
+CORES_PER_WORKER = 1  # `--workers auto`: one worker per core (docs/performance.md: measured, and why)
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"  # prometheus-client's own switch to multiprocess mode
 BACKOFF_S = (1.0, 2.0, 4.0, 8.0, 16.0, 30.0)  # before the 1st, 2nd, ... restart in a row
 STABLE_S = 60.0  # a worker up this long starts its backoff from the beginning again
@@ -77,6 +86,7 @@ class Supervisor:
     _ctx: Any = field(default_factory=lambda: mp.get_context("spawn"))
     _slots: list[_Worker] = field(default_factory=list)
     _failure: str = ""
+    _ledger: CoreLedger | None = None
 
     async def run(self) -> int:
         """Serve until a signal, then drain every worker. Returns the exit code."""
@@ -93,6 +103,7 @@ class Supervisor:
 
             restarts = Counter("mobiserve_worker_restarts", "Worker processes restarted after they died.")
             config = dataclasses.replace(self.config, port=port, metrics_port=0, workers=1)
+            self._ledger = CoreLedger(machine_cores(), shared_slots(self.workers))
             all_ready: Event = self._ctx.Event()
             ready: Any = self._ctx.Queue()
             metrics_server = None
@@ -125,10 +136,11 @@ class Supervisor:
                     await asyncio.wait_for(stop.wait(), 0.2)
                 except TimeoutError:
                     pass
-            code = await self._drain()
+            code = await self._drain(signal.SIGKILL if self._failure and not all_ready.is_set() else signal.SIGTERM)
             if metrics_server is not None:
                 await metrics_server.close()
-        log.info("event=stopped workers=%d", self.workers)
+        if not self._failure:  # a server that never served has its reason to say, and only that
+            log.info("event=stopped workers=%d", self.workers)
         if self._failure:
             print(f"mobiserve: error: {self._failure}", file=sys.stderr)
             return 1
@@ -139,16 +151,19 @@ class Supervisor:
         stop.set()
 
     def _start(self, slot: _Worker, config: ServerConfig, all_ready: Event, ready: Any) -> None:
+        assert self._ledger is not None
+        self._ledger.clear(slot.index)  # a worker that died while busy no longer counts as busy
+        os.environ[SERVER_CORES_ENV] = str(machine_cores())  # before CORES_ENV, which would cap it
         os.environ[CORES_ENV] = str(len(slot.cpus) if slot.cpus else _share(self.workers))
         try:
             slot.process = self._ctx.Process(
                 target=_worker_main,
-                args=(config, slot.index, slot.cpus, all_ready, ready, self.log_level, os.getpid()),
+                args=(config, slot.index, slot.cpus, all_ready, ready, self.log_level, os.getpid(), self._ledger.slots),
                 name=f"mobiserve-worker-{slot.index}",
             )
             slot.process.start()
         finally:
-            del os.environ[CORES_ENV]
+            del os.environ[CORES_ENV], os.environ[SERVER_CORES_ENV]
         slot.started, slot.restart_at = time.monotonic(), None
         log.info("event=worker_started worker=%d pid=%d cpus=%s", slot.index, slot.process.pid, _cpus(slot.cpus))
 
@@ -190,16 +205,18 @@ class Supervisor:
                 restarts.inc()
                 self._start(slot, config, all_ready, ready)
 
-    async def _drain(self) -> int:
-        """Forward SIGTERM to every worker and wait for all of them; 0 if all exited 0."""
+    async def _drain(self, sig: signal.Signals = signal.SIGTERM) -> int:
+        """Forward SIGTERM to every worker and wait for all of them; 0 if all exited 0. (SIGKILL
+        when the server never served: nothing to drain, and nothing to say but why.)"""
         alive = [s.process for s in self._slots if s.process is not None]
         for process in alive:
             if process.pid is not None and process.exitcode is None:
-                os.kill(process.pid, signal.SIGTERM)
+                os.kill(process.pid, sig)
         loop = asyncio.get_running_loop()
         codes = [await loop.run_in_executor(None, _join, process) for process in alive]
         for process, code in zip(alive, codes):
-            log.info("event=worker_stopped pid=%d code=%s", process.pid, code)
+            if sig == signal.SIGTERM:
+                log.info("event=worker_stopped pid=%d code=%s", process.pid, code)
         return 0 if all(code == 0 for code in codes) else 1
 
 
@@ -209,7 +226,14 @@ def _join(process: SpawnProcess) -> int | None:
 
 
 def _worker_main(
-    config: ServerConfig, index: int, cpus: tuple[int, ...], all_ready: Event, ready: Any, log_level: str, parent: int
+    config: ServerConfig,
+    index: int,
+    cpus: tuple[int, ...],
+    all_ready: Event,
+    ready: Any,
+    log_level: str,
+    parent: int,
+    slots: Any,
 ) -> None:
     """A worker process: a whole server on the shared port; health SERVING once all are ready."""
     _bind_to(parent, index)
@@ -222,9 +246,12 @@ def _worker_main(
 
     configure(log_level, worker=index)
     try:
-        asyncio.run(app.run(config, Handshake(index, all_ready, ready)))
+        asyncio.run(app.run(config, Handshake(index, all_ready, ready, slots)))
     except ModelLoadError as exc:
         ready.put((index, str(exc)))
+        sys.exit(EXIT_STARTUP_FAILED)
+    except OSError as exc:  # the TLS files, the metrics port: the same for every worker and restart
+        ready.put((index, f"cannot start the server: {exc}"))
         sys.exit(EXIT_STARTUP_FAILED)
 
 

@@ -35,6 +35,7 @@ from mobiserve.common import command
 from mobiserve.common.labels import Labels
 from mobiserve.server.app import App, create_app, load_model
 from mobiserve.server.config import ModelConfig, ServerConfig
+from mobiserve.server.cores import CoreLedger
 from mobiserve.server.runtime.model import Model
 from mobiserve.server.runtime.session import SessionTuning, open_session
 from mobiserve.server.serving import (
@@ -101,9 +102,9 @@ async def start_server(*models: ModelConfig, gates: Mapping[str, SessionGate] | 
     app = await create_app(ServerConfig(models=models, host="127.0.0.1", port=0, **settings))
     held = dict(gates or {})
 
-    def load(config: ModelConfig) -> Model:
+    def load(config: ModelConfig, ledger: CoreLedger) -> Model:
         gate = held.get(config.name)
-        return load_model(config) if gate is None else load_model(config, gate.open_session)
+        return load_model(config, ledger) if gate is None else load_model(config, ledger, gate.open_session)
 
     await app.load(load)
     for gate in held.values():

@@ -22,7 +22,7 @@ class FakeModel:
         self.started = asyncio.Event()
         self.fail_on = fail_on
 
-    async def __call__(self, items: list[int], lane: int = 0, spare: bool = False) -> list[int]:
+    async def __call__(self, items: list[int], lane: int = 0) -> list[int]:
         self.batches.append(list(items))
         self.started.set()
         await self.release.wait()
@@ -38,7 +38,7 @@ async def same(index: int, item: int, deadline: float | None, lane: int) -> int:
 def batcher(model: FakeModel, alone: FakeModel | None = None, **knobs: Any) -> Batcher[int, int, int]:
     """A started batcher over the fake model; `alone` also gives it an idle fast path."""
 
-    async def run_alone(item: int, deadline: float | None, lane: int, spare: bool) -> tuple[int, float]:
+    async def run_alone(item: int, deadline: float | None, lane: int) -> tuple[int, float]:
         assert alone is not None
         (value,) = await alone([item])
         return value, 0.0

@@ -238,7 +238,7 @@ async def test_cost_report_splits_a_started_servers_cpu_by_thread_role(few_image
     there, the roles add up to the process's own total, and the in-process pipelines get the same."""
     code, out, err = await bench(
         "--serve",
-        f"--model {INT8}",
+        f"--model {INT8} --workers 1",  # py-spy samples the one process the harness started
         "--concurrency",
         "8",
         "--duration",

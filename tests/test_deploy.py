@@ -508,7 +508,8 @@ def check_entrypoint_and_healthcheck(env: dict[str, str], jpeg: bytes) -> None:
             result = client.classify(jpeg)
         assert result.model == env["MOBISERVE_MODEL_NAME"] == "int8"
         assert result.top.name == "tench", result.top  # the sample's first image, n01440764
-        assert metric("127.0.0.1", int(env["MOBISERVE_METRICS_PORT"]), "mobiserve_model_ready", model="int8") == 1
+        workers = served.log.count("event=worker_serving") or 1  # the default: one worker per core
+        assert metric("127.0.0.1", int(env["MOBISERVE_METRICS_PORT"]), "mobiserve_model_ready", model="int8") == workers
 
         served.signal()
         assert served.wait(60) == 0, served.log[-2000:]

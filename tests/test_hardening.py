@@ -597,6 +597,8 @@ async def test_idle_metrics_connections_take_no_thread_and_are_closed(int8_model
     metrics_port = free_port()
     proc = await asyncio.to_thread(
         serve,
+        "--workers",
+        "1",  # the process that serves the metrics is the one that counts the requests
         "--model",
         f"int8={int8_model}",
         "--synsets",
@@ -913,7 +915,7 @@ def test_streams_that_never_read_then_vanish_leave_no_memory_behind(
 ) -> None:
     """Three rounds of 100 streams that send 20 images each, never read, and whose client is
     killed: the server's RSS settles instead of climbing round after round."""
-    server = serve("--model", f"int8={int8_model}", "--synsets", str(SYNSETS))
+    server = serve("--workers", "1", "--model", f"int8={int8_model}", "--synsets", str(SYNSETS))  # RSS of one process
     try:
         start, after = server.rss_bytes() / MiB, []
         for _ in range(3):

@@ -93,7 +93,12 @@ def test_the_thin_install_classifies_with_the_library_and_the_command(thin: Path
 
 
 def test_server_commands_in_the_thin_install_say_what_to_install(thin: Path, tmp_path: Path) -> None:
-    for command in (["serve"], ["evaluate", str(INT8), "--images", str(tmp_path)], ["bench", "--images", "x"]):
+    for command in (
+        ["serve"],
+        ["evaluate", str(INT8), "--images", str(tmp_path)],
+        ["bench", "--images", "x"],
+        ["tune"],
+    ):
         done = subprocess.run([thin / "mobiserve", *command], capture_output=True, text=True, timeout=60)
         lines = done.stderr.strip().splitlines()
         assert done.returncode == 1 and len(lines) == 1, done.stderr

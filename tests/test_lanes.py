@@ -1,6 +1,6 @@
 """The batcher's lanes, without a server: which work a free session takes, and when.
 
-A fake model records every batch (its lane, whether it ran on the spare session, its items) and
+A fake model records every batch (its lane, its items) and
 runs a lane's batches only while the test lets that lane through, so each test decides the order
 in which things can happen and checks the scheduler's decisions, never timing. The share guard
 reads a fake clock that each batch advances by one unit per item.
@@ -24,23 +24,23 @@ INTERACTIVE, BULK = 0, 1
 class Lanes:
     """A model whose batches of each lane wait until that lane is let through."""
 
-    batches: list[tuple[str, bool, list[int]]] = field(default_factory=list)  # (lane, spare, items)
+    batches: list[tuple[str, list[int]]] = field(default_factory=list)  # (lane, items)
     open: dict[int, asyncio.Event] = field(
         default_factory=lambda: {INTERACTIVE: asyncio.Event(), BULK: asyncio.Event()}
     )
     started: asyncio.Condition = field(default_factory=asyncio.Condition)
     now: float = 0.0  # the fake clock: one unit per item run
 
-    async def run(self, items: list[int], lane: int, spare: bool) -> list[int]:
-        self.batches.append(("bulk" if lane == BULK else "interactive", spare, list(items)))
+    async def run(self, items: list[int], lane: int) -> list[int]:
+        self.batches.append(("bulk" if lane == BULK else "interactive", list(items)))
         async with self.started:
             self.started.notify_all()
         await self.open[lane].wait()
         self.now += len(items)
         return [i * 10 for i in items]
 
-    async def alone(self, item: int, deadline: float | None, lane: int, spare: bool) -> tuple[int, float]:
-        (value,) = await self.run([item], lane, spare)
+    async def alone(self, item: int, deadline: float | None, lane: int) -> tuple[int, float]:
+        (value,) = await self.run([item], lane)
         return value, 0.0
 
     async def wait_batches(self, count: int) -> None:
@@ -52,7 +52,7 @@ class Lanes:
             self.open[lane].set()
 
     def lanes_run(self) -> list[str]:
-        return [lane for lane, _, _ in self.batches]
+        return [lane for lane, _ in self.batches]
 
 
 async def same(index: int, item: int, deadline: float | None, lane: int) -> int:
@@ -92,7 +92,7 @@ async def test_a_free_session_takes_interactive_work_before_bulk_work_that_came_
     await settle()
     model.let_through(INTERACTIVE, BULK)
     assert await asyncio.gather(running, *queued) == [[10], [20, 30], [40], [90]]
-    assert model.batches == [("bulk", False, [1]), ("interactive", False, [9]), ("bulk", False, [2, 3, 4])]
+    assert model.batches == [("bulk", [1]), ("interactive", [9]), ("bulk", [2, 3, 4])]
     await b.close()
 
 
@@ -102,7 +102,7 @@ async def test_bulk_batches_are_capped_and_interactive_ones_are_not() -> None:
     model.let_through(INTERACTIVE, BULK)
     assert await submit(b, *range(5), lane=BULK) == [0, 10, 20, 30, 40]
     assert await submit(b, *range(5), lane=INTERACTIVE) == [0, 10, 20, 30, 40]
-    assert [len(items) for _, _, items in model.batches] == [2, 2, 1, 5]
+    assert [len(items) for _, items in model.batches] == [2, 2, 1, 5]
     await b.close()
 
 
@@ -116,7 +116,7 @@ async def test_interactive_work_runs_on_the_spare_session_beside_a_bulk_batch() 
     assert not bulk.done()
     model.let_through(BULK)
     assert await bulk == [10, 20]
-    assert model.batches == [("bulk", False, [1, 2]), ("interactive", True, [7, 8])]
+    assert model.batches == [("bulk", [1, 2]), ("interactive", [7, 8])]
     await b.close()
 
 
@@ -127,7 +127,7 @@ async def test_a_lone_interactive_image_takes_the_spare_session_in_one_trip() ->
     await model.wait_batches(1)
     model.let_through(INTERACTIVE)
     assert await submit(b, 5, lane=INTERACTIVE) == [50]
-    assert model.batches[-1] == ("interactive", True, [5])
+    assert model.batches[-1] == ("interactive", [5])
     model.let_through(BULK)
     await bulk
     await b.close()
@@ -143,7 +143,7 @@ async def test_the_spare_session_never_takes_bulk_work() -> None:
     assert len(model.batches) == 1 and not bulk.done()  # the spare session is free, but not for bulk
     model.let_through(INTERACTIVE, BULK)
     assert (await first, await bulk) == ([10], [20])
-    assert model.batches == [("interactive", False, [1]), ("bulk", False, [2])]
+    assert model.batches == [("interactive", [1]), ("bulk", [2])]
     await b.close()
 
 
@@ -223,5 +223,5 @@ async def test_a_caller_that_gives_up_waiting_for_room_holds_none() -> None:
     model.let_through(BULK)
     assert (await running, await fills, await after) == ([0], [10], [30])
     assert gives_up.cancelled() and b.lanes[BULK].admitted == 0
-    assert [items for _, _, items in model.batches] == [[0], [1], [3]]
+    assert [items for _, items in model.batches] == [[0], [1], [3]]
     await b.close()

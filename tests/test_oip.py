@@ -50,6 +50,8 @@ def metrics_port() -> int:
 @pytest.fixture(scope="module")
 def oip_server(int8_model: Path, metrics_port: int) -> Iterator[ServerProcess]:
     proc = serve(
+        "--workers",
+        "1",  # one process: its statistics, its batches shared by both protocols
         "--model",
         f"{MODEL}={int8_model}",
         "--synsets",

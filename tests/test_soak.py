@@ -99,7 +99,9 @@ class Tally:
 @pytest_asyncio.fixture
 async def process(int8_model: Path) -> AsyncIterator[helpers.ServerProcess]:
     proc = await asyncio.to_thread(
-        helpers.serve, "--model", f"int8={int8_model}", "--synsets", str(SYNSETS), "--log-level", "INFO"
+        helpers.serve,
+        *("--workers", "1"),  # one process: its memory is what the soak watches
+        *("--model", f"int8={int8_model}", "--synsets", str(SYNSETS), "--log-level", "INFO"),
     )
     try:
         yield proc

@@ -19,6 +19,8 @@ from pathlib import Path
 import pytest
 
 from mobiserve.client import AsyncClient, Client, MobiserveError
+from mobiserve.server.cores import machine_cores
+from mobiserve.server.runtime.session import default_instances, default_intra_op_threads, default_lone_threads
 
 from helpers import INT8, SYNSETS, ServerProcess, free_port, metric, poll_until, serve
 
@@ -71,6 +73,10 @@ def test_workers_share_one_port_and_their_metrics_add_up(supervised: tuple[Serve
             "worker_listening",
             "worker_serving",
         ], events
+    # each on its share of the cores under load, and on the server's cores for lone requests
+    share = max(1, machine_cores() // WORKERS)
+    threads, lone = default_intra_op_threads(default_instances(share), share), default_lone_threads(machine_cores())
+    assert server.log.count(f"intra_op_threads={threads} lone_threads={lone} ") == WORKERS, server.log
     with Client(server.target, connections=8) as client:
         assert client.health() == "SERVING"
         answers = [client.classify(jpeg) for _ in range(40)]

@@ -56,10 +56,9 @@ class Stages(Generic[I, T, R]):
     each is told the lane (its index) the work belongs to."""
 
     prepare: Callable[[int, I, float | None, int], Awaitable[T]]  # (index, input, deadline, lane) -> item
-    # (items, lane, on a spare session) -> one result each, in order
-    run_batch: Callable[[list[T], int, bool], Awaitable[Sequence[R]]]
+    run_batch: Callable[[list[T], int], Awaitable[Sequence[R]]]  # (items, lane) -> one result each, in order
     # an idle lane's lone input, prepared and run in one trip -> (result, seconds spent preparing)
-    run_alone: Callable[[I, float | None, int, bool], Awaitable[tuple[R, float]]] | None = None
+    run_alone: Callable[[I, float | None, int], Awaitable[tuple[R, float]]] | None = None
 
 
 @dataclass(frozen=True)
@@ -207,7 +206,7 @@ class Batcher(Generic[I, T, R]):
         queue = self.lanes[lane]
         if len(inputs) == 1 and self._stages.run_alone is not None and (slot := self._claim_if_idle(lane)):
             try:
-                return await self._alone(inputs[0], deadline, queue, slot == SPARE)
+                return await self._alone(inputs[0], deadline, queue, slot)
             finally:
                 self._release(slot)
         with await self._admit(len(inputs), queue, wait) as admission:
@@ -276,20 +275,18 @@ class Batcher(Generic[I, T, R]):
             self._free[slot] -= 1
         return slot
 
-    async def _alone(
-        self, value: I, deadline: float | None, lane: LaneQueue[_Pending[T, R]], spare: bool
-    ) -> Answered[R]:
+    async def _alone(self, value: I, deadline: float | None, lane: LaneQueue[_Pending[T, R]], slot: str) -> Answered[R]:
         assert self._stages.run_alone is not None
         loop = asyncio.get_running_loop()
         started, clock_started = loop.time(), self._now()
         try:
-            result, preprocess_s = await self._stages.run_alone(value, deadline, lane.index, spare)
+            result, preprocess_s = await self._stages.run_alone(value, deadline, lane.index)
         except MobiserveError:
             raise  # the input's own fault (or its deadline): it fails alone, as in `prepare`
         except Exception as exc:
             raise self._failed(1, exc) from None
         took = loop.time() - started - preprocess_s
-        session_s = self._now() - clock_started if not spare else 0.0
+        session_s = self._now() - clock_started if slot == REGULAR else 0.0
         self._record(lane, session_s, Ran(lane.name, 1, took, (0.0,), False))
         return Answered([result], preprocess_s, 0.0, took, 1, lane.name)
 
@@ -413,7 +410,7 @@ class Batcher(Generic[I, T, R]):
         try:
             if not batch:
                 return
-            results = await self._stages.run_batch([p.item for p in batch], lane.index, slot == SPARE)
+            results = await self._stages.run_batch([p.item for p in batch], lane.index)
             if len(results) != len(batch):
                 raise RuntimeError(f"the model returned {len(results)} results for a batch of {len(batch)}")
         except Exception as exc:

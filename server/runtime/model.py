@@ -16,6 +16,7 @@ from mobiserve.common import zoo
 from mobiserve.common.labels import Labels
 from mobiserve.common.zoo import sha256_of
 from mobiserve.server import threads
+from mobiserve.server.cores import CoreLedger
 from mobiserve.server.errors import ModelLoadError
 from mobiserve.server.processing.normalize import assemble
 from mobiserve.server.processing.postprocess import rank, softmax
@@ -37,19 +38,23 @@ SessionOpener = Callable[[str, SessionTuning], ort.InferenceSession]
 
 
 class Model:
-    """`instances` sessions of one ONNX file; `infer` may be called from that many threads at once.
+    """`instances` narrow sessions of one ONNX file and an all-core path; `infer` may be called from
+    `instances` threads at once.
 
-    With spinning off (the default, so idle intra-op threads leave the cores to preprocessing),
-    a lone image pays for waking onnxruntime's threads at every operator, a good part of a
-    batch-1 run (docs/performance.md). So one extra session whose threads spin takes small
-    batches when it is free: small batches only happen when the server is lightly loaded, which
-    is exactly when spinning costs nothing. Both sessions run the same kernels with the same
-    threads: same results.
-
-    `spare_threads`: one more session, not spinning, with that many threads, which
-    `infer(spare=True)` runs on when it is free: urgent work beside batches that hold the others.
-    `nice`: the regular sessions' threads run at an OS priority lowered by this much, so that the
-    kernel runs the spinning and the spare session's work first (threads.run_at_lower_priority).
+    `infer` picks the session for each batch:
+    - a narrow session: `intra_op_threads` threads each, spinning off so that idle intra-op
+      threads leave the cores to preprocessing. With one worker per core (the default) that is one
+      thread, the cheapest CPU per image, and onnxruntime then runs the batch on the calling thread
+      itself: at that thread's OS priority (bulk work's inference threads run below interactive
+      work's, threads.py);
+    - the all-core path, for work that may widen (`widen`; the server's interactive work) while no
+      other run of this server needs those cores (`CoreLedger`): small batches (a lone request on an
+      idle server) on a session of `lone_threads` threads that spin between operators (waking them
+      at every operator costs ~0.4 ms of a ~2.5 ms batch-1 run, and small batches only happen when
+      the server is lightly loaded, so spinning costs nothing then); larger batches, when this
+      worker is the only busy one (its clients' connections all landed on it), on a non-spinning
+      session of `lone_threads` threads.
+    All sessions run the same kernels on the same model: same results.
     """
 
     def __init__(
@@ -58,25 +63,26 @@ class Model:
         labels: Labels,
         tuning: SessionTuning,
         instances: int = 1,
+        lone_threads: int = 0,
+        ledger: CoreLedger | None = None,
         open_session: SessionOpener = open_session,  # tests pass one whose sessions they can hold
-        spare_threads: int = 0,
-        nice: int = 0,
     ):
         self.path = str(path)
         self.sha256 = sha256_of(Path(path)) if Path(path).is_file() else ""
         self.labels = labels
         self.tuning = tuning
         self.instances = instances
+        self.lone_threads = lone_threads or tuning.intra_op_threads
+        self.ledger = ledger or CoreLedger(max(self.lone_threads, tuning.intra_op_threads * instances))
         if not Path(path).is_file():
             raise ModelLoadError(f"model file not found: {path}")
-        pool_name = f"ort-{Path(path).stem}"
-
-        def open_regular() -> list[ort.InferenceSession]:
-            with threads.creating_threads_as(pool_name):  # onnxruntime's pools inherit the name (and priority)
-                return [open_session(self.path, tuning) for _ in range(instances)]
-
+        wide = replace(tuning, intra_op_threads=self.lone_threads)
         try:
-            sessions = threads.run_at_lower_priority(nice, open_regular)
+            with threads.creating_threads_as(f"ort-{Path(path).stem}"):  # onnxruntime's pools inherit the name
+                sessions = [open_session(self.path, tuning) for _ in range(instances)]
+                same = tuning.allow_spinning and self.lone_threads == tuning.intra_op_threads
+                self._lone = None if same else open_session(self.path, replace(wide, allow_spinning=True))
+                self._wide = open_session(self.path, wide) if self.lone_threads > tuning.intra_op_threads else None
         except Exception as exc:  # onnxruntime raises its own Fail/InvalidProtobuf/... types
             first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise ModelLoadError(f"cannot load {path} with onnxruntime: {first_line}{_repair(Path(path))}") from None
@@ -88,23 +94,14 @@ class Model:
         self._free: queue.SimpleQueue[ort.InferenceSession] = queue.SimpleQueue()
         for session in sessions:
             self._free.put(session)
-        with threads.creating_threads_as(pool_name):
-            self._spinning = (
-                None if tuning.allow_spinning else open_session(self.path, replace(tuning, allow_spinning=True))
-            )
-            self._spare = (
-                None
-                if not spare_threads
-                else open_session(self.path, replace(tuning, intra_op_threads=spare_threads, allow_spinning=False))
-            )
-        self._spinning_busy = threading.Lock()
-        self._spare_busy = threading.Lock()
+        self._lone_busy = threading.Lock()
+        self._wide_busy = threading.Lock()
 
-    def infer(self, items: Sequence[np.ndarray], spare: bool = False) -> BatchScores:
+    def infer(self, items: Sequence[np.ndarray], widen: bool = True) -> BatchScores:
         """uint8 crops / float32 inputs -> scores. Blocks on a free session if all are busy.
-        spare: on the spare session, if there is one and it is free."""
+        widen: may take the all-core path (else a narrow session, whatever the cores do)."""
         batch = assemble(items, _input_buffer(len(items)))
-        with self._session(len(items), spare) as session:
+        with self._session(len(items), widen) as session:
             logits = self._run(session, batch)
         return BatchScores(logits, softmax(logits), rank(logits))
 
@@ -114,9 +111,10 @@ class Model:
         sessions = [self._free.get() for _ in range(self.instances)]
         try:
             runs = [(session, sorted({1, max_batch_size})) for session in sessions]
-            for small in (self._spinning, self._spare):
-                if small is not None:
-                    runs.append((small, list(range(1, SMALL_BATCH + 1))))
+            if self._lone is not None:
+                runs.append((self._lone, list(range(1, SMALL_BATCH + 1))))
+            if self._wide is not None:
+                runs.append((self._wide, sorted({SMALL_BATCH + 1, max_batch_size})))
             for session, sizes in runs:
                 for n in sizes:
                     self._run(session, np.zeros((n, 3, INPUT_SIZE, INPUT_SIZE), dtype=np.float32))
@@ -125,24 +123,20 @@ class Model:
                 self._free.put(session)
 
     @contextmanager
-    def _session(self, batch_size: int, spare: bool = False) -> Iterator[ort.InferenceSession]:
-        """The spare session when asked for and free; the spinning session for a small batch when
-        it is free; else a regular one."""
-        if spare and self._spare is not None and self._spare_busy.acquire(blocking=False):
+    def _session(self, batch_size: int, widen: bool = True) -> Iterator[ort.InferenceSession]:
+        """The all-core path when asked for, its cores are free and its session too; else a narrow session."""
+        session, busy = (self._lone, self._lone_busy) if batch_size <= SMALL_BATCH else (self._wide, self._wide_busy)
+        if widen and session is not None and self.ledger.free_for(self.lone_threads) and busy.acquire(blocking=False):
             try:
-                yield self._spare
+                with self.ledger.running(self.lone_threads):
+                    yield session
             finally:
-                self._spare_busy.release()
-            return
-        if self._spinning is not None and batch_size <= SMALL_BATCH and self._spinning_busy.acquire(blocking=False):
-            try:
-                yield self._spinning
-            finally:
-                self._spinning_busy.release()
+                busy.release()
             return
         session = self._free.get()
         try:
-            yield session
+            with self.ledger.running(self.tuning.intra_op_threads):
+                yield session
         finally:
             self._free.put(session)
 

@@ -4,7 +4,11 @@ How to choose (docs/performance.md has the measurements):
 - `instances` sessions run batches concurrently; each has its own intra-op pool of
   `intra_op_threads` threads. instances x threads should equal the cores you give the model.
   MobileNetV2 stops scaling at about 4 threads per batch, so the default is one instance per
-  4 cores (at least one), with the cores split evenly among instances.
+  4 cores (at least one), with the cores split evenly among instances. With one worker per core
+  (the default) that is one session of one thread: the cheapest CPU per image.
+- `lone_threads`: the all-core path (runtime/model.py): a lone request on an idle server runs on
+  this many threads, by default all the server's cores up to 4 (past that a batch of one gets no
+  faster), whatever the worker's share.
 - inter-op threads = 1 and sequential execution: MobileNetV2 is a chain, there is no branch
   parallelism to exploit, and extra pools only fight for cores.
 - spinning off by default: preprocessing threads share the cores, and a spinning intra-op pool
@@ -18,7 +22,7 @@ from dataclasses import dataclass
 
 import onnxruntime as ort
 
-from mobiserve.server.cores import available_cores
+from mobiserve.server.cores import available_cores, machine_cores
 
 CORES_PER_INSTANCE = 4
 
@@ -29,6 +33,10 @@ def default_instances(cores: int | None = None) -> int:
 
 def default_intra_op_threads(instances: int, cores: int | None = None) -> int:
     return max(1, (cores or available_cores()) // instances)
+
+
+def default_lone_threads(cores: int | None = None) -> int:
+    return max(1, min(cores or machine_cores(), CORES_PER_INSTANCE))
 
 
 @dataclass(frozen=True)
