@@ -147,6 +147,20 @@ async def test_the_spare_session_never_takes_bulk_work() -> None:
     await b.close()
 
 
+async def test_interactive_work_waits_for_interactive_batches_as_for_any_session() -> None:
+    model = Lanes()
+    b = batcher(model, max_batch_size=8, spare=1)
+    first = submit(b, 1, lane=INTERACTIVE)
+    await model.wait_batches(1)  # the regular session runs an interactive batch, held
+    second = submit(b, 2, 3, lane=INTERACTIVE)
+    await settle()
+    assert len(model.batches) == 1 and not second.done()  # the spare is only for work held up by bulk batches
+    model.let_through(INTERACTIVE)
+    assert (await first, await second) == ([10], [20, 30])
+    assert model.batches == [("interactive", [1]), ("interactive", [2, 3])]
+    await b.close()
+
+
 async def test_without_a_share_an_interactive_flood_runs_before_all_bulk_work() -> None:
     model = Lanes()
     b = batcher(model, max_batch_size=1)

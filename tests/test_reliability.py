@@ -122,9 +122,7 @@ async def test_a_full_queue_refuses_at_once_then_recovers(
     refused_before = requests_counted(app, "RESOURCE_EXHAUSTED")
     with session.closed():
         running = asyncio.ensure_future(gated_stub.Classify(request_of(images[0], request_id="running"), timeout=60))
-        await session.wait_held(1)
-        spare = asyncio.ensure_future(gated_stub.Classify(request_of(images[1], request_id="spare"), timeout=60))
-        await session.wait_held(2)  # the regular and the spare session are busy: nothing leaves the queue now
+        await session.wait_held(1)  # the session is busy: nothing leaves the queue now
         # one stream, so the server reads (and admits) in this order: the first fills the
         # interactive lane (streams are bulk unless they ask otherwise)
         stream = gated_stub.ClassifyStream(timeout=60)
@@ -140,7 +138,7 @@ async def test_a_full_queue_refuses_at_once_then_recovers(
     filled = await stream.read()
     await stream.done_writing()
     assert filled.request_id == "fills" and len(filled.results) == QUEUE_LIMIT and not filled.HasField("error")
-    assert (await running).request_id == "running" and (await spare).request_id == "spare"
+    assert (await running).request_id == "running"
     assert await stream.code() == grpc.StatusCode.OK
     # recovered: as much as the queue holds, at once, is all served
     again = await asyncio.gather(
@@ -163,9 +161,7 @@ async def test_cancelled_and_expired_requests_never_reach_the_model(
     cancelled_before = requests_counted(app, "CANCELLED")
     with session.closed():
         running = asyncio.ensure_future(gated_stub.Classify(request_of(images[0]), timeout=60))
-        await session.wait_held(1)
-        spare = asyncio.ensure_future(gated_stub.Classify(request_of(images[2]), timeout=60))
-        await session.wait_held(2)  # the regular and the spare session are busy: the rest queues
+        await session.wait_held(1)  # the session is busy: the rest queues
         runs_before = len(session.batch_sizes)
         cancelled = gated_stub.Classify(request_of(*images[:3]), timeout=60)
         expired = gated_stub.Classify(request_of(*images[:2]), timeout=0.5)
@@ -177,10 +173,9 @@ async def test_cancelled_and_expired_requests_never_reach_the_model(
         # it is answered the server has seen it (the gate is still closed: nothing has run)
         await gated_stub.ListModels(pb.ListModelsRequest(), timeout=30)
     await running
-    await spare
     await kept
-    # after the blocked runs: only `kept` (one image) ran; the 5 images of the others never did
-    assert session.batch_sizes[runs_before:] == [1, 1, 1]
+    # after the blocked run: only `kept` (one image) ran; the 5 images of the others never did
+    assert session.batch_sizes[runs_before:] == [1, 1]
     assert requests_counted(app, "DEADLINE_EXCEEDED") - deadline_before == 1
     assert requests_counted(app, "CANCELLED") - cancelled_before == 1
     assert app.served[0].queued() == 0
@@ -193,15 +188,12 @@ async def test_the_default_timeout_applies_when_the_client_sets_none(int8_model:
             stub = pb_grpc.ClassifierStub(channel)
             with session.closed():
                 running = asyncio.ensure_future(stub.Classify(request_of(images[0]), timeout=60))
-                await session.wait_held(1)
-                spare = asyncio.ensure_future(stub.Classify(request_of(images[2]), timeout=60))
-                await session.wait_held(2)  # the regular and the spare session are busy
+                await session.wait_held(1)  # the session is busy
                 with pytest.raises(grpc.aio.AioRpcError) as err:
                     await stub.Classify(request_of(images[1]))  # no deadline: the server's applies
             await running
-            await spare
         assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED and "deadline" in (err.value.details() or "")
-        assert session.batch_sizes == [1, 1]  # the two that held the sessions; the expired request never ran
+        assert session.batch_sizes == [1]  # the one that held the session; the expired request never ran
         assert requests_counted(app, "DEADLINE_EXCEEDED") == 1
     finally:
         await app.stop(grace_s=5)

@@ -10,8 +10,10 @@ Which lane a free session serves (`_choose`): the most urgent lane with queued w
 less urgent one has work and has had less than its `min_share` of the regular sessions' recent
 time (the share guard: a flood of urgent work cannot stop the rest for ever). Each lane caps its batches
 (`Lane.max_batch_size`), so urgent work waits for at most one capped batch per session; `spare`
-sessions serve only the most urgent lane, so while every regular session runs less urgent
-batches, urgent work need not wait for one at all.
+sessions serve only the most urgent lane, and only while regular sessions run less urgent
+batches: urgent work need not wait for those at all, and waits for its own lane's batches as
+it would for any session (on a worker's one core, a second batch of its own beside the first only
+crowds it).
 
 While sessions are busy, prepared items accumulate; as soon as a session is free it takes what
 its lane has queued (up to the lane's cap) at once. With no queue delay configured an idle model
@@ -169,7 +171,9 @@ class Batcher(Generic[I, T, R]):
         self._stages = stages
         self._on_batch = on_batch
         self._clock = clock
+        self._spare = spare
         self._free = {REGULAR: concurrency, SPARE: spare}
+        self._behind = 0  # regular sessions running a less urgent lane's batch
         self._changed = asyncio.Event()  # work queued, a session freed, or closing
         self._running: set[asyncio.Task[None]] = set()
         self._closing = False
@@ -208,7 +212,7 @@ class Batcher(Generic[I, T, R]):
             try:
                 return await self._alone(inputs[0], deadline, queue, slot)
             finally:
-                self._release(slot)
+                self._release(slot, lane)
         with await self._admit(len(inputs), queue, wait) as admission:
             started = loop.time()
             items = await asyncio.gather(*(self._stages.prepare(i, x, deadline, lane) for i, x in enumerate(inputs)))
@@ -272,7 +276,7 @@ class Batcher(Generic[I, T, R]):
             return None
         slot = self._slot_for(lane, self._with_work() | {lane})
         if slot is not None:
-            self._free[slot] -= 1
+            self._take(slot, lane)
         return slot
 
     async def _alone(self, value: I, deadline: float | None, lane: LaneQueue[_Pending[T, R]], slot: str) -> Answered[R]:
@@ -316,7 +320,7 @@ class Batcher(Generic[I, T, R]):
         """The free session `lane` would get now, with `candidates` the lanes that have work."""
         if self._free[REGULAR] > 0 and self._choose(candidates) == lane:
             return REGULAR
-        if self._free[SPARE] > 0 and lane == 0:
+        if lane == 0 and self._spare_free():
             return SPARE
         return None
 
@@ -326,7 +330,7 @@ class Batcher(Generic[I, T, R]):
         lane = self._choose(candidates) if self._free[REGULAR] > 0 else None
         if lane is not None:
             return lane, REGULAR
-        if self._free[SPARE] > 0 and 0 in candidates:
+        if 0 in candidates and self._spare_free():
             return 0, SPARE
         return None
 
@@ -343,7 +347,7 @@ class Batcher(Generic[I, T, R]):
                     guarded = lane > 0 and any(i < lane for i in self._with_work())
                     batch = self._drain(self.lanes[lane], now)
                     if batch:
-                        self._free[slot] -= 1
+                        self._take(slot, lane)
                         task = asyncio.create_task(self._run(batch, self.lanes[lane], slot, guarded))
                         self._running.add(task)
                         task.add_done_callback(self._finished)
@@ -382,8 +386,22 @@ class Batcher(Generic[I, T, R]):
             batch.append(p)
         return batch
 
-    def _release(self, slot: str) -> None:
+    def _spare_free(self) -> bool:
+        """A spare session may start a batch: one is free, and fewer are busy than regular sessions
+        run less urgent batches. Spares exist so that urgent work never waits behind those; behind
+        its own lane's batches it waits as it would for any session (more batches at once than the
+        regular sessions' worth of cores would only crowd them)."""
+        return self._free[SPARE] > 0 and self._spare - self._free[SPARE] < self._behind
+
+    def _take(self, slot: str, lane: int) -> None:
+        self._free[slot] -= 1
+        if slot == REGULAR and lane > 0:
+            self._behind += 1
+
+    def _release(self, slot: str, lane: int) -> None:
         self._free[slot] += 1
+        if slot == REGULAR and lane > 0:
+            self._behind -= 1
         self._changed.set()
 
     def _now(self) -> float:
@@ -425,7 +443,7 @@ class Batcher(Generic[I, T, R]):
             for p, value in zip(batch, results):
                 _set_result(p.future, (value, run))
         finally:
-            self._release(slot)
+            self._release(slot, lane.index)
 
     def _failed(self, size: int, exc: Exception) -> InferenceFailed:
         log.error("event=batch_failed model=%s batch_size=%d reason=%r", self.name, size, str(exc), exc_info=exc)
