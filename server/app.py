@@ -114,12 +114,13 @@ class App:
                 )
             )
             log.info(
-                "event=model_loaded model=%s path=%s instances=%d intra_op_threads=%d max_batch_size=%d",
+                "event=model_loaded model=%s path=%s instances=%d intra_op_threads=%d max_batch_size=%d decode=%s",
                 config.name,
                 config.path,
                 config.instances,
                 config.intra_op_threads,
                 config.max_batch_size,
+                config.decode,
             )
         registry = ModelRegistry(served, self.config.default)
         for ready in served:

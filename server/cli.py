@@ -63,6 +63,13 @@ def _add_serve(sub: Subcommands) -> None:
     p.add_argument("--allow-spinning", action="store_true", help="let onnxruntime threads spin between batches")
     p.add_argument("--preprocess-threads", type=int, default=None, help="decode/resize threads (default: cores)")
     p.add_argument(
+        "--decode",
+        choices=("exact", "fast"),
+        default=None,
+        help="fast: decode large JPEGs at 1/2-1/8 scale, several times cheaper and no longer bit-exact "
+        "(docs/performance.md); with --config, set decode per model in the file (default: exact)",
+    )
+    p.add_argument(
         "--workers",
         type=_workers,
         default=None,
@@ -185,6 +192,8 @@ def _server_config(args: argparse.Namespace) -> ServerConfig:
     if args.config:
         if args.model:
             raise ValueError("give models either in --config or with --model, not both")
+        if args.decode:
+            raise ValueError('--decode applies to --model; in a --config file, set decode = "fast" per model')
         return load_toml(args.config, **overrides)
     knobs: dict[str, Any] = {
         "max_batch_size": args.max_batch_size,
@@ -193,6 +202,7 @@ def _server_config(args: argparse.Namespace) -> ServerConfig:
         "instances": args.instances,
         "intra_op_threads": args.intra_op_threads,
         "allow_spinning": args.allow_spinning,
+        "decode": args.decode or "exact",
     }
     if args.synsets:
         knobs["synsets"] = args.synsets

@@ -14,6 +14,7 @@ TOML (paths relative to the file):
     max_queue_delay_ms = 0.0
     instances = 1
     intra_op_threads = 2
+    decode = "exact"                # "fast": large JPEGs decoded scaled down (docs/performance.md)
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from mobiserve.common.labels import IMAGENET_SYNSETS
+from mobiserve.server.processing.preprocess import DECODE_MODES
 from mobiserve.server.runtime.session import default_instances, default_intra_op_threads
 
 
@@ -40,8 +42,11 @@ class ModelConfig:
     instances: int = 0  # 0: one per 4 cores
     intra_op_threads: int = 0  # 0: the cores divided among instances
     allow_spinning: bool = False
+    decode: str = "exact"  # "fast": large JPEGs decoded at 1/2..1/8 scale (processing/preprocess.py)
 
     def __post_init__(self) -> None:
+        if self.decode not in DECODE_MODES:
+            raise ValueError(f"decode must be one of {', '.join(DECODE_MODES)}, got {self.decode!r}")
         _at_least(self, 1, "max_batch_size")
         _at_least(self, 0, "max_queue_delay_ms", "max_queue_size", "instances", "intra_op_threads")
 

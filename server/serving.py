@@ -24,10 +24,10 @@ from mobiserve.server.config import ModelConfig
 from mobiserve.server.errors import DeadlineExceeded, InvalidInput, ModelNotFound, shown
 from mobiserve.server.processing.preprocess import (
     INPUT_SIZE,
-    PREPROCESSING,
     ImageLimits,
     preprocess_encoded,
     preprocess_tensor,
+    preprocessing,
 )
 from mobiserve.server.runtime.model import Model
 
@@ -128,7 +128,7 @@ def describe(config: ModelConfig, model: Model) -> ModelDescription:
         output_name=model.output_name,
         num_classes=model.num_classes,
         labels=model.labels,
-        preprocessing=PREPROCESSING,
+        preprocessing=preprocessing(config.decode),
         max_batch_size=config.max_batch_size,
         max_queue_delay_ms=config.max_queue_delay_ms,
         max_queue_size=config.max_queue_size,
@@ -155,7 +155,9 @@ def check_count(images: Sequence[ImageInput], max_images: int) -> None:
         raise InvalidInput(f"request has {len(images)} images; the limit is {max_images}")
 
 
-def prepare(index: int, image: ImageInput, limits: ImageLimits, deadline: float | None = None) -> np.ndarray:
+def prepare(
+    index: int, image: ImageInput, limits: ImageLimits, deadline: float | None = None, decode: str = "exact"
+) -> np.ndarray:
     """Worker thread: one image -> model input; drops expired work before spending CPU on it
     and names the image in any error."""
     if deadline is not None and time.monotonic() >= deadline:
@@ -163,7 +165,7 @@ def prepare(index: int, image: ImageInput, limits: ImageLimits, deadline: float 
     try:
         if isinstance(image, RawTensor):
             return preprocess_tensor(image.shape, image.dtype, image.data, limits)
-        return preprocess_encoded(image, limits)
+        return preprocess_encoded(image, limits, decode)
     except InvalidInput as exc:
         raise InvalidInput(f"image {index}: {exc}") from None
 
@@ -175,12 +177,16 @@ def scores_of(model: Model, items: list[np.ndarray]) -> list[ImageScores]:
 
 
 def run_whole(
-    model: Model, images: Sequence[ImageInput], limits: ImageLimits, deadline: float | None = None
+    model: Model,
+    images: Sequence[ImageInput],
+    limits: ImageLimits,
+    deadline: float | None = None,
+    decode: str = "exact",
 ) -> tuple[list[ImageScores], float]:
     """Worker thread: preprocess and infer one request in a single trip, with no batcher.
     Returns the scores and the seconds spent preprocessing."""
     started = time.perf_counter()
-    items = [prepare(i, image, limits, deadline) for i, image in enumerate(images)]
+    items = [prepare(i, image, limits, deadline, decode) for i, image in enumerate(images)]
     prepared = time.perf_counter() - started
     if deadline is not None and time.monotonic() >= deadline:  # expired while preprocessing
         raise DeadlineExceeded("deadline passed before inference; not run")
@@ -202,6 +208,7 @@ class ServedModel:
         self.description = describe(config, model)
         self.model = model
         self.limits = limits
+        self.decode = config.decode
         self.max_images_per_request = max_images_per_request
         self._preprocess_pool = preprocess_pool
         # one thread per session instance: the batcher never runs more batches than that
@@ -241,7 +248,9 @@ class ServedModel:
 
     async def _prepare(self, index: int, image: ImageInput, deadline: float | None) -> np.ndarray:
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._preprocess_pool, prepare, index, image, self.limits, deadline)
+        return await loop.run_in_executor(
+            self._preprocess_pool, prepare, index, image, self.limits, deadline, self.decode
+        )
 
     async def _run_batch(self, items: list[np.ndarray]) -> list[ImageScores]:
         return await asyncio.get_running_loop().run_in_executor(self._infer_pool, scores_of, self.model, items)
@@ -249,7 +258,7 @@ class ServedModel:
     async def _run_alone(self, image: ImageInput, deadline: float | None) -> tuple[ImageScores, float]:
         loop = asyncio.get_running_loop()
         scores, prepared_s = await loop.run_in_executor(
-            self._infer_pool, run_whole, self.model, [image], self.limits, deadline
+            self._infer_pool, run_whole, self.model, [image], self.limits, deadline, self.decode
         )
         return scores[0], prepared_s
 

@@ -51,6 +51,12 @@ def register(sub: Subcommands) -> None:
     p.add_argument(
         "--rounds", type=int, default=20, help="timing rounds, each running every batch size once (0: accuracy only)"
     )
+    p.add_argument(
+        "--decode",
+        choices=("exact", "fast"),
+        default="exact",
+        help="JPEG decoding as `mobiserve serve --decode` does it (fast: large JPEGs at 1/2-1/8 scale)",
+    )
     p.set_defaults(func=_evaluate)
 
     q = sub.add_parser("quantize", help="int8 static quantization of an fp32 model, then the card's comparison")
@@ -126,7 +132,9 @@ def _evaluate(args: argparse.Namespace) -> int:
     except (DatasetError, ModelLoadError, ValueError, OSError) as exc:
         return fail(str(exc))
     sizes = sorted(set(args.batch_size))
-    scored = ev.score([model], images, batch_size=sizes[-1], threads=available_cores(), keep=sizes[-1])
+    scored = ev.score(
+        [model], images, batch_size=sizes[-1], threads=available_cores(), keep=sizes[-1], decode=args.decode
+    )
     _report_skipped(scored.skipped)
     accuracy = scored.accuracy[0]
     if accuracy.count == 0:
@@ -139,6 +147,7 @@ def _evaluate(args: argparse.Namespace) -> int:
         "skipped": len(scored.skipped),
         "model": args.model,
         "images": args.images,
+        "decode": args.decode,
         "intra_op_threads": model.tuning.intra_op_threads,
     }
     if speed:
@@ -156,7 +165,7 @@ def _evaluate(args: argparse.Namespace) -> int:
         return 0
     print(
         f"{Path(args.model).name} on {accuracy.count} images from {args.images}: "
-        f"top-1 {accuracy.top1:.2%}  top-5 {accuracy.top5:.2%}"
+        f"top-1 {accuracy.top1:.2%}  top-5 {accuracy.top5:.2%}" + ("  (fast decode)" if args.decode == "fast" else "")
     )
     if speed:
         per_size = ", ".join(f"batch {k}: {v:.0f}" for k, v in speed.throughput.items())

@@ -80,20 +80,20 @@ def ordered_map(pool: ThreadPoolExecutor, fn: Callable[[T], R], items: Iterable[
         yield pending.popleft().result()
 
 
-def load_crop(path: Path, limits: ImageLimits) -> np.ndarray | Skipped:
+def load_crop(path: Path, limits: ImageLimits, decode: str = "exact") -> np.ndarray | Skipped:
     """The server's preprocessing of one file; an unreadable file is reported, not fatal."""
     try:
-        return preprocess_encoded(path.read_bytes(), limits)
+        return preprocess_encoded(path.read_bytes(), limits, decode)
     except (InvalidInput, OSError) as exc:
         return Skipped(path, str(exc))
 
 
 def read_crops(
-    paths: Sequence[Path], threads: int, limits: ImageLimits, ahead: int, desc: str
+    paths: Sequence[Path], threads: int, limits: ImageLimits, ahead: int, desc: str, decode: str = "exact"
 ) -> Iterator[tuple[int, np.ndarray | Skipped]]:
     """(index, uint8 crop or Skipped) per path, in order, decoded `threads` at a time."""
     with ThreadPoolExecutor(threads, thread_name_prefix="preprocess") as pool:
-        loaded = ordered_map(pool, lambda p: load_crop(p, limits), paths, ahead)
+        loaded = ordered_map(pool, lambda p: load_crop(p, limits, decode), paths, ahead)
         yield from enumerate(tqdm(loaded, total=len(paths), desc=desc, unit="img", leave=False, disable=None))
 
 
@@ -104,6 +104,7 @@ def score(
     threads: int,
     keep: int = 0,
     limits: ImageLimits = ImageLimits(),
+    decode: str = "exact",
 ) -> Scored:
     """Top-1/top-5 of every model on the same images (each image decoded once); keeps the first
     `keep` crops for timing."""
@@ -120,7 +121,8 @@ def score(
         batch_labels.clear()
 
     paths = [image.path for image in images]
-    for i, crop in read_crops(paths, threads, limits, ahead=2 * batch_size + threads, desc="evaluating"):
+    ahead = 2 * batch_size + threads
+    for i, crop in read_crops(paths, threads, limits, ahead, "evaluating", decode):
         if isinstance(crop, Skipped):
             result.skipped.append(crop)
             continue
