@@ -19,6 +19,7 @@ from mobiserve.client._errors import ModelNotFound, translated
 from mobiserve.client._images import ImageLike, image_of, is_cheap
 from mobiserve.client._options import ChannelOptions
 from mobiserve.client._results import Classification, ModelInfo, classification_of, model_info_of
+from mobiserve.client._shrink import check as check_shrink
 from mobiserve.v1 import classifier_pb2 as pb
 
 
@@ -34,10 +35,18 @@ class AsyncClient(ClientBase):
         return grpc.aio.secure_channel(self.target, credentials, options=options)
 
     async def classify(
-        self, image: ImageLike, *, top_k: int = DEFAULT_TOP_K, model: str | None = None, timeout: float | None = None
+        self,
+        image: ImageLike,
+        *,
+        top_k: int = DEFAULT_TOP_K,
+        model: str | None = None,
+        timeout: float | None = None,
+        shrink: str | None = None,
     ) -> Classification:
-        """Classify one image. `model` None: the server's default. Raises a `MobiserveError`."""
-        request = self._request(await _image(image), top_k, model, uuid.uuid4().hex)
+        """Classify one image. `model` None: the server's default. Raises a `MobiserveError`.
+        `shrink`: as in `Client.classify` (done in a worker thread)."""
+        check_shrink(shrink)
+        request = self._request(await _image(image, shrink), top_k, model, uuid.uuid4().hex)
         with translated():
             response = await self._stub.Classify(
                 request, timeout=self._timeout(timeout), wait_for_ready=self.wait_for_ready
@@ -53,6 +62,7 @@ class AsyncClient(ClientBase):
         ordered: bool = True,
         max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
         timeout: float | None = None,
+        shrink: str | None = None,
     ) -> AsyncIterator[Classification]:
         """`Client.classify_many` as an async generator; `images` may also be an async iterable.
 
@@ -60,6 +70,7 @@ class AsyncClient(ClientBase):
         """
         if max_in_flight < 1:
             raise ValueError(f"max_in_flight must be at least 1, got {max_in_flight}")
+        check_shrink(shrink)
         state = StreamState(ordered)
         window = asyncio.Semaphore(max_in_flight)
 
@@ -70,7 +81,7 @@ class AsyncClient(ClientBase):
                 await window.acquire()  # the backpressure: nothing is read past the window
                 try:
                     image = await anext(iterator)
-                    request = self._request(await _image(image), top_k, model, str(index))
+                    request = self._request(await _image(image, shrink), top_k, model, str(index))
                 except StopAsyncIteration:
                     return
                 except Exception as exc:
@@ -120,8 +131,8 @@ class AsyncClient(ClientBase):
         await self.close()
 
 
-async def _image(image: ImageLike) -> pb.Image:
-    return image_of(image) if is_cheap(image) else await asyncio.to_thread(image_of, image)
+async def _image(image: ImageLike, shrink: str | None = None) -> pb.Image:
+    return image_of(image, shrink) if is_cheap(image, shrink) else await asyncio.to_thread(image_of, image, shrink)
 
 
 async def _aiter(images: Iterable[ImageLike] | AsyncIterable[ImageLike]) -> AsyncIterator[ImageLike]:

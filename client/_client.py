@@ -15,6 +15,7 @@ from mobiserve.client._errors import ModelNotFound, translated
 from mobiserve.client._images import ImageLike, image_of
 from mobiserve.client._options import ChannelOptions
 from mobiserve.client._results import Classification, ModelInfo, classification_of, model_info_of
+from mobiserve.client._shrink import check as check_shrink
 from mobiserve.v1 import classifier_pb2 as pb
 
 
@@ -30,10 +31,19 @@ class Client(ClientBase):
         return grpc.secure_channel(self.target, credentials, options=options)
 
     def classify(
-        self, image: ImageLike, *, top_k: int = DEFAULT_TOP_K, model: str | None = None, timeout: float | None = None
+        self,
+        image: ImageLike,
+        *,
+        top_k: int = DEFAULT_TOP_K,
+        model: str | None = None,
+        timeout: float | None = None,
+        shrink: str | None = None,
     ) -> Classification:
-        """Classify one image. `model` None: the server's default. Raises a `MobiserveError`."""
-        request = self._request(image_of(image), top_k, model, uuid.uuid4().hex)
+        """Classify one image. `model` None: the server's default. Raises a `MobiserveError`.
+        `shrink` "resize" or "crop": scale the image down here, as the server would (same answer;
+        needs Pillow; docs/client.md)."""
+        check_shrink(shrink)
+        request = self._request(image_of(image, shrink), top_k, model, uuid.uuid4().hex)
         with translated():
             response = self._stub.Classify(request, timeout=self._timeout(timeout), wait_for_ready=self.wait_for_ready)
         return classification_of(response)
@@ -47,6 +57,7 @@ class Client(ClientBase):
         ordered: bool = True,
         max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
         timeout: float | None = None,
+        shrink: str | None = None,
     ) -> Iterator[Classification]:
         """Classify many images over one ClassifyStream, up to `max_in_flight` at a time.
 
@@ -55,7 +66,9 @@ class Client(ClientBase):
         an endless iterator runs in bounded memory. `images` is consumed on a gRPC thread.
         `timeout` bounds the whole stream (default: none; the server still bounds each image).
         A failed image raises its `MobiserveError` (with `input_index`) when its turn comes.
+        `shrink`: as in `classify`.
         """
+        check_shrink(shrink)
         state = StreamState(ordered)
         window = _Window(max_in_flight)
 
@@ -65,7 +78,7 @@ class Client(ClientBase):
             while window.acquire():  # blocks gRPC's sending thread: the backpressure
                 try:
                     image = next(iterator)
-                    request = self._request(image_of(image), top_k, model, str(index))
+                    request = self._request(image_of(image, shrink), top_k, model, str(index))
                 except StopIteration:
                     return
                 except Exception as exc:

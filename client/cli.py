@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
+import importlib.util
 import json
 import sys
 import time
@@ -44,6 +45,12 @@ def register(sub: Subcommands) -> None:
     p = sub.add_parser("classify", help="classify image files with a running server")
     p.add_argument("images", nargs="+", metavar="IMAGE", help="image files (JPEG, PNG, WebP, BMP, GIF, TIFF)")
     p.add_argument("--top-k", type=int, default=5, metavar="K", help="classes to show per image (default 5)")
+    p.add_argument(
+        "--shrink",
+        choices=("resize", "crop"),
+        help="scale large images down here before sending, as the server would (same answer; needs Pillow): "
+        "resize to a 256-pixel shorter side, or crop to the 224x224 model input",
+    )
     _add_call_options(p)
     p.set_defaults(func=_classify)
 
@@ -136,10 +143,13 @@ def _classify(args: argparse.Namespace) -> int:
     for path in paths:
         if not path.is_file():
             return fail(f"cannot read {path}: {'not a file' if path.exists() else 'no such file'}")
+    if args.shrink and importlib.util.find_spec("PIL") is None:
+        return fail("--shrink needs Pillow to decode and resize images here: pip install 'pillow>=13'")
     answers: list[dict[str, Any]] = []
     with Client(args.target) as client:
         try:
-            for path, result in zip(paths, client.classify_many(paths, top_k=args.top_k, model=args.model)):
+            results = client.classify_many(paths, top_k=args.top_k, model=args.model, shrink=args.shrink)
+            for path, result in zip(paths, results):
                 if args.json:
                     answers.append({"image": str(path), **dataclasses.asdict(result)})
                 else:
