@@ -46,14 +46,19 @@ class Skipped:
 
 @dataclass
 class _Tally:
+    """Counts over the labelled images (label >= 0); the top-1 class of every image."""
+
     top1: int = 0
     top5: int = 0
     count: int = 0
+    predicted: list[np.ndarray] = field(default_factory=list)
 
     def add(self, order: np.ndarray, labels: np.ndarray) -> None:
-        self.top1 += int((order[:, 0] == labels).sum())
-        self.top5 += int((order[:, :5] == labels[:, None]).any(axis=1).sum())
-        self.count += len(labels)
+        known = labels >= 0
+        self.top1 += int((order[known, 0] == labels[known]).sum())
+        self.top5 += int((order[known, :5] == labels[known, None]).any(axis=1).sum())
+        self.count += int(known.sum())
+        self.predicted.append(order[:, 0])
 
     def accuracy(self) -> Accuracy:
         n = max(self.count, 1)
@@ -67,6 +72,12 @@ class Scored:
     accuracy: list[Accuracy]
     samples: list[np.ndarray]
     skipped: list[Skipped] = field(default_factory=list)
+    top1: list[np.ndarray] = field(default_factory=list)  # per model: the top-1 class of each image read
+
+    def agreement(self, a: int = 0, b: int = 1) -> float:
+        """Share of the images read on which models `a` and `b` give the same top-1 class."""
+        same = self.top1[a] == self.top1[b]
+        return float(same.mean()) if len(same) else 0.0
 
 
 def ordered_map(pool: ThreadPoolExecutor, fn: Callable[[T], R], items: Iterable[T], ahead: int) -> Iterator[R]:
@@ -107,7 +118,7 @@ def score(
     decode: str = "exact",
 ) -> Scored:
     """Top-1/top-5 of every model on the same images (each image decoded once); keeps the first
-    `keep` crops for timing."""
+    `keep` crops for timing. Images with label -1 count for agreement only."""
     tallies = [_Tally() for _ in models]
     result = Scored([], [])
     batch: list[np.ndarray] = []
@@ -135,6 +146,7 @@ def score(
     if batch:
         flush()
     result.accuracy = [t.accuracy() for t in tallies]
+    result.top1 = [np.concatenate(t.predicted) if t.predicted else np.zeros(0, np.int64) for t in tallies]
     return result
 
 
