@@ -385,16 +385,16 @@ def _table(r: dict[str, object]) -> str:
     lines.append("")
     if "agreement" in r:
         labelled = f" ({r['labelled_eval_images']} labelled)" if r["labelled_eval_images"] != r["eval_images"] else ""
-        where = f"on {r['eval_images']} images{labelled}: the same top-1 class on {r['agreement']:.2%},"
+        where = f"on {r['eval_images']} images{labelled}: the same top-1 class on {r['agreement']:.2%};"
     else:
-        where = "(no images to compare on)"
+        where = "(no images to compare on):"
     decline = (
         f"top-1 decline ratio {r['top1_decline_ratio']:.2%}, top-5 decline ratio {r['top5_decline_ratio']:.2%}, "
         if "top1_decline_ratio" in r
         else ""
     )
     lines.append(
-        f"int8 vs fp32 {where}: {decline}int8 {r['speedup_batch1']:.2f}x faster at batch 1 "
+        f"int8 vs fp32 {where} {decline}int8 {r['speedup_batch1']:.2f}x faster at batch 1 "
         f"(medians of {r['timing_rounds']} interleaved runs, {r['intra_op_threads']} intra-op threads)"
     )
     (c1, c5), (q1, q5) = CARD_FP32, CARD_INT8

@@ -14,12 +14,12 @@ sample images and the 1245 re-encodes of them):
   and one scale per tensor crushes the small ones (86% agreement);
 - uint8 activations (U8S8): onnxruntime's x86 kernels run int8 activations (S8S8) about 1.8x
   slower here, and symmetric ranges 1.8-3x slower, for no better agreement;
-- QDQ rather than QOperator: as fast, and QOperator lost 1-13 points of agreement with the
+- QDQ rather than QOperator: as fast, and QOperator lost 1-12 points of agreement with the
   clipped ranges (its fused ops requantize differently);
 - the scores (the ops that write the model's outputs) stay float: quantized to 256 levels they
   tie and clip among the top classes, which cost the entropy method 12 points of top-1. Keeping
   the first convolution or the whole classifier float as well changed agreement by less than
-  its noise and cost up to 8% at batch 16.
+  its noise and cost up to 9% at batch 16.
 """
 
 from __future__ import annotations
