@@ -5,8 +5,8 @@
     S=../shared/data/imagenet-sample P=/tmp/mobiserve-photos
     scripts/measure-photos.py answers   $S $P/1mp $P/4mp $P/12mp     # agreement and top-1 (deterministic)
     scripts/measure-photos.py sensitivity $P/12mp                     # why agreement stops where it does
-    flock -x /work/coord/cpu.lock scripts/measure-photos.py cost $S $P/1mp $P/4mp $P/12mp   # ms/image
-    flock -x /work/coord/cpu.lock scripts/measure-photos.py serve $P/12mp     # c=32 through a server, per folder
+    scripts/measure-photos.py cost $S $P/1mp $P/4mp $P/12mp         # ms/image
+    scripts/measure-photos.py serve $P/12mp                          # c=32 through a server, per folder
 
 `answers`: for each model (the zoo's int8 and the fp32 stand-in), top-1 accuracy with the exact
 and the fast decode, and how often the two give the same top-1 class (agreement).
@@ -16,9 +16,9 @@ changes its top-1 when a share of the exact crops' values move by one level at r
 exact and fast timed alternately on the same images (`--count` of them, spread over the folder),
 medians over the images; also the client's `shrink="resize"` (Pillow) for comparison.
 `serve`: `mobiserve bench` at concurrency 32 against `mobiserve serve --model INT8 [--decode fast]`,
-exact and fast alternately (`--rounds` of each) for each folder, in the same locked run: images/s
+exact and fast alternately (`--rounds` of each) for each folder, in the same run: images/s
 and the ratio of each exact/fast pair, server CPU ms per image, the load generator's CPU (it
-shares the machine), p50/p99. Run each part under the exclusive CPU lock when its figures are to be reported.
+shares the machine), p50/p99. Run `cost` and `serve` on an otherwise quiet machine: they measure time.
 """
 
 from __future__ import annotations

@@ -10,10 +10,10 @@ folder as `mobiserve quantize` picks them) and judged on all the others: top-1 a
 fp32 model (which needs no labels), top-1 accuracy, and ms per image at batch 1 and 16 (median of
 interleaved runs, 2 intra-op threads, the server's session settings), timed side by side with the
 zoo's int8 model in the same process, so the ratio to it holds even when the machine's speed
-drifts between chunks. The zoo's int8 itself is the row "zoo-int8". Run it in chunks under the
-exclusive CPU lock:
+drifts between chunks. The zoo's int8 itself is the row "zoo-int8". Run it in chunks (a few
+minutes each) on an otherwise quiet machine:
 
-    flock -x /work/coord/cpu.lock scripts/quantize-grid.py --results grid.jsonl --configs default entropy
+    scripts/quantize-grid.py --results grid.jsonl --configs zoo-int8 minmax entropy
 
 Configurations with a calibration count other than the default are judged on the images outside
 their own calibration set (a different count of them), as the command does. `--extra DIR` adds
@@ -21,7 +21,7 @@ agreement on more images (no labels needed), e.g. the 1, 4 and 12 MP re-encodes 
 (scripts/make-photos.py), leaving out those made from a calibration image: 415 images alone
 measure agreement to about +-1 point (one standard error). The full grid, as docs/model-card.md has it:
 
-    P=/tmp/mobiserve-photos; for chunk in 0 1 2 3; do flock -x /work/coord/cpu.lock \
+    P=/tmp/mobiserve-photos; for chunk in 0 1 2 3; do
       scripts/quantize-grid.py --results grid.jsonl --extra $P/1mp --extra $P/4mp --extra $P/12mp \
       --cache /tmp/grid-cache --chunk $chunk/4; done
     scripts/quantize-grid.py --results grid.jsonl --table
