@@ -21,13 +21,15 @@ from __future__ import annotations
 
 import dataclasses
 import tomllib
+import typing
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from mobiserve.common.labels import IMAGENET_SYNSETS
-from mobiserve.server.processing.preprocess import DECODE_MODES
 from mobiserve.server.runtime.session import default_instances, default_intra_op_threads
+
+Decode = Literal["exact", "fast"]  # JPEG decoding: the card's, or scaled for large photos (processing/preprocess.py)
 
 
 @dataclass(frozen=True)
@@ -42,11 +44,11 @@ class ModelConfig:
     instances: int = 0  # 0: one per 4 cores
     intra_op_threads: int = 0  # 0: the cores divided among instances
     allow_spinning: bool = False
-    decode: str = "exact"  # "fast": large JPEGs decoded at 1/2..1/8 scale (processing/preprocess.py)
+    decode: Decode = "exact"  # "fast": large JPEGs decoded at 1/2..1/8 scale (docs/performance.md#large-photos)
 
     def __post_init__(self) -> None:
-        if self.decode not in DECODE_MODES:
-            raise ValueError(f"decode must be one of {', '.join(DECODE_MODES)}, got {self.decode!r}")
+        if self.decode not in typing.get_args(Decode):
+            raise ValueError(f"decode must be one of {', '.join(typing.get_args(Decode))}, got {self.decode!r}")
         _at_least(self, 1, "max_batch_size")
         _at_least(self, 0, "max_queue_delay_ms", "max_queue_size", "instances", "intra_op_threads")
 

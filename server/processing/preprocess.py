@@ -38,8 +38,6 @@ PREPROCESSING = (
 )
 FAST_DECODE = "JPEG decoded at 1/2, 1/4 or 1/8 scale when the shorter side stays >= 256 (fast decode); then "
 
-DECODE_MODES = ("exact", "fast")  # ModelConfig.decode, `--decode`
-
 # Pillow opens these lazily and can tell their size from the header alone.
 _PILLOW_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF", "MPO")
 
