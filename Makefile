@@ -8,7 +8,7 @@ MODEL_MIRROR ?= $(wildcard $(SHARED)/models)
 export MOBISERVE_MODEL_MIRROR ?= $(MODEL_MIRROR)
 PYTEST_ARGS ?=
 
-.PHONY: setup serve models test test-fast lint check-protos protos bench clean
+.PHONY: setup serve models test test-fast lint check-protos protos bench clean dist
 
 setup: $(BIN)/.installed
 
@@ -47,6 +47,15 @@ BENCH_ARGS ?= --concurrency 1,8,32,64 --duration 10 --baseline --compare-unbatch
 bench: setup ## measure throughput and latency; the report goes to reports/bench-<time>/ (not committed)
 	$(BIN)/mobiserve bench --serve="$(if $(BENCH_MODEL),--model $(BENCH_MODEL))" --images $(BENCH_IMAGES) \
 		$(BENCH_ARGS) --output reports/bench-$$(date +%Y%m%d-%H%M%S)
+
+# `make dist`: the wheel, to install where the sources are not (README, Installing):
+# pip install dist/mobiserve-<version>-py3-none-any.whl (the client) or '...whl[server]' (the server).
+DIST ?= dist
+
+dist: setup ## build the wheel into $(DIST)/
+	rm -f $(DIST)/mobiserve-*.whl
+	$(BIN)/pip wheel --no-deps --quiet -w $(DIST) .
+	@ls $(DIST)/mobiserve-*.whl
 
 check-protos: protos ## fail if the committed stubs differ from the .proto
 	git diff --exit-code -- protos/

@@ -50,8 +50,8 @@ def register(sub: Subcommands) -> None:
     load = p.add_argument_group("load")
     load.add_argument(
         "--concurrency",
-        default="1,2,4,8,16,32,64",
-        help="closed loop: requests in flight, one step each (default: %(default)s)",
+        help="closed loop: requests in flight, one step each (default: 1,2,4,8,16,32,64; with --mixed: "
+        "the unary caller's, 1)",
     )
     load.add_argument("--rate", help="open loop instead: requests/s with Poisson arrivals, one step each (e.g. 50,100)")
     load.add_argument("--duration", type=float, default=10.0, help="seconds measured per step (default: %(default)s)")
@@ -86,6 +86,21 @@ def register(sub: Subcommands) -> None:
         "spreads connections over its workers, so give it at least N in all (default: %(default)s)",
     )
     load.add_argument("--timeout", type=float, default=30.0, help="seconds per request (default: %(default)s)")
+    mixed = p.add_argument_group(
+        "mixed traffic",
+        "a unary caller beside bulk streams: each alone, together, and together in one lane (the control)",
+    )
+    mixed.add_argument(
+        "--mixed",
+        action="store_true",
+        help="measure one unary caller (1 image per call, --concurrency in flight) beside --streams "
+        "ClassifyStream clients instead of a sweep",
+    )
+    mixed.add_argument(
+        "--streams", type=int, default=4, help="bulk streams, one connection each (default: %(default)s)"
+    )
+    mixed.add_argument("--window", type=int, default=16, help="messages in flight per stream (default: %(default)s)")
+    mixed.add_argument("--stream-batch", type=int, default=8, help="images per stream message (default: %(default)s)")
     extra = p.add_argument_group("comparisons (local servers only)")
     extra.add_argument(
         "--baseline",
@@ -135,6 +150,8 @@ def run(args: argparse.Namespace) -> None:
     from mobiserve.bench import report as rep
     from mobiserve.bench.servers import is_local, mobiserve_server, unbatched_server
 
+    if args.mixed:
+        return _mixed(args)
     loads = _loads(args)
     images = _images(args.images)
     serve_args = None if args.serve is None else shlex.split(args.serve)
@@ -181,6 +198,41 @@ def run(args: argparse.Namespace) -> None:
     report.ratios = rep.headline_ratios(report)
     rep.print_table(report, sys.stdout)
     paths = rep.write_all(report, out)
+    print(f"\nreport: {', '.join(str(p) for p in paths)}")
+
+
+def _mixed(args: argparse.Namespace) -> None:
+    from mobiserve.bench import mixed
+    from mobiserve.bench import report as rep
+    from mobiserve.bench.servers import mobiserve_server
+
+    if args.rate or args.requests or args.baseline or args.compare_unbatched or args.gil:
+        raise BenchError("--mixed runs its own phases: leave out --rate, --requests and the comparisons")
+    (unary_c,) = _numbers(args.concurrency or "1", "--concurrency", int)[:1]
+    if min(args.streams, args.window, args.stream_batch) < 1 or args.duration <= 0 or args.warmup < 0:
+        raise BenchError("--streams, --window, --stream-batch and --duration must be positive")
+    load = mixed.MixedLoad(unary_c, args.streams, args.window, args.stream_batch, args.duration, args.warmup)
+    images = _images(args.images)
+    out = args.output or Path("reports") / time.strftime("mixed-%Y%m%d-%H%M%S")
+    report = mixed.MixedReport(
+        started=time.strftime("%Y-%m-%d %H:%M:%S"),
+        command=sys.argv,
+        machine=rep.machine(),
+        target=args.target,
+        server={},
+        load=load,
+    )
+    with ExitStack() as stack:
+        if args.serve is not None:
+            server = stack.enter_context(mobiserve_server(shlex.split(args.serve), out / "server.log"))
+            report.target = server.target
+        report.server = _model_info(report.target, args.model) | (
+            {"serve_args": args.serve} if args.serve is not None else {}
+        )
+        report.phases = mixed.run_mixed(_workload(args, report.target, images), load, report.machine.cores)
+    report.ratios = mixed.ratios(report.phases)
+    mixed.print_table(report, sys.stdout)
+    paths = mixed.write(report, out)
     print(f"\nreport: {', '.join(str(p) for p in paths)}")
 
 
@@ -251,7 +303,7 @@ def _loads(args: argparse.Namespace) -> list[Load]:
     if args.rate:
         rates = _numbers(args.rate, "--rate", float)
         return [Load(rate=r, processes=args.client_processes or auto, **timing) for r in rates]
-    levels = _numbers(args.concurrency, "--concurrency", int)
+    levels = _numbers(args.concurrency or "1,2,4,8,16,32,64", "--concurrency", int)
     return [Load(concurrency=c, processes=args.client_processes or min(c, auto), **timing) for c in levels]
 
 

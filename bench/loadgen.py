@@ -41,6 +41,7 @@ CHANNEL_OPTIONS = [
 ]
 _READY_TIMEOUT_S = 180.0  # spawn + imports + reading the images, on a loaded machine
 _CODE_NAMES = {code.value[0]: code.name for code in grpc.StatusCode}
+_LANE_NAMES = {v: pb.Priority.Name(v).removeprefix("PRIORITY_").lower() for v in pb.Priority.values()} | {0: "unsaid"}
 
 
 class BenchError(RuntimeError):
@@ -59,6 +60,8 @@ class Workload:
     model: str = ""  # empty: the server's default
     timeout_s: float = 30.0
     connections: int = 1  # per load process, unary calls over them in turn (a --workers server spreads connections)
+    # or, in stream mode, one stream on each
+    priority: int = 0  # mobiserve.v1 Priority of every request (0: the RPC's default)
 
 
 @dataclass(frozen=True)
@@ -110,6 +113,7 @@ class StepResult:
     server_cpu_pct: float | None  # of window x cores, when the harness started the server
     lag_max_ms: float  # open loop: how late the client sent its latest request
     errors: dict[str, int] = field(default_factory=dict)
+    lanes: dict[str, int] = field(default_factory=dict)  # answered requests by the lane that served them
     # where the server's CPU went, per image (when the harness started the server): ms CPU per
     # image in all and by thread role (cpu.ROLES), and GIL-held ms per image (with --gil)
     cpu_ms_img: float | None = None
@@ -155,6 +159,7 @@ class _Records:
     batch_size: np.ndarray
     measured: np.ndarray
     lag: np.ndarray
+    lane: np.ndarray  # the Priority of the lane that served it (timing.lane; 0: not said)
     cpu_s: float  # this process's CPU time over its measurement window
 
 
@@ -168,11 +173,31 @@ def run_step(
 ) -> StepResult:
     """Run one step from `load.processes` spawned workers and return its figures; `probe` reads
     the server process over the measurement window (CPU by thread role, GIL)."""
+    return run_together([(workload, load)], server, cores, probe, label)[0]
+
+
+def run_together(
+    parts: Sequence[tuple[Workload, Load]],
+    server: str,
+    cores: int,
+    probe: Probe | None = None,
+    label: str = "",
+) -> list[StepResult]:
+    """Run several loads at once (e.g. a unary caller beside bulk streams), each from its own
+    spawned workers, all on one clock and measured over the same window; one result per part,
+    the server's cost (`probe`) in each."""
     from tqdm import tqdm  # the bench extra's; imported when the harness runs, not when it registers
 
+    load = parts[0][1]
+    if len(parts) > 1 and not all(ld.duration_s for _, ld in parts):
+        raise BenchError("loads run together are measured over a duration, not a request count")
     ctx = mp.get_context("spawn")
     sync = _Sync(ctx.Queue(), ctx.Event(), ctx.Value("d", 0.0), ctx.Value("q", load.requests or 0), ctx.Value("q", 0))
-    workers = [ctx.Process(target=_worker, args=(workload, load, share, sync), daemon=True) for share in _shares(load)]
+    shares = [(part, share) for part, (_, ld) in enumerate(parts) for share in _shares(ld)]
+    workers = [
+        ctx.Process(target=_worker, args=(parts[part][0], parts[part][1], share, sync, k), daemon=True)
+        for k, (part, share) in enumerate(shares)
+    ]
     for w in workers:
         w.start()
     try:
@@ -216,7 +241,19 @@ def run_step(
             w.join(timeout=10)
             if w.is_alive():
                 w.kill()
-    return _summarise(records, workload, load, server, cores, t_start, cost, t_end - t_start)
+    return [
+        _summarise(
+            [r for (p, _), r in zip(shares, records) if p == part],
+            workload,
+            ld,
+            server,
+            cores,
+            t_start,
+            cost,
+            t_end - t_start,
+        )
+        for part, (workload, ld) in enumerate(parts)
+    ]
 
 
 def _shares(load: Load) -> list[_Share]:
@@ -339,6 +376,7 @@ def _summarise(
         **_cost_fields(cost, n_ok * workload.batch),
         lag_max_ms=round(float(cat["lag"][selected].max()) * 1000, 3) if selected.any() else 0.0,
         errors=dict(sorted(errors.items())),
+        lanes=dict(sorted(Counter(_LANE_NAMES.get(int(v), str(int(v))) for v in cat["lane"][ok]).items())),
     )
 
 
@@ -363,12 +401,12 @@ _Outcome = tuple[int, "pb.Timing | None"]  # status code number (0: OK), the ser
 _Call = Callable[[pb.ClassifyRequest], Awaitable[_Outcome]]
 
 
-def _worker(workload: Workload, load: Load, share: _Share, sync: _Sync) -> None:
+def _worker(workload: Workload, load: Load, share: _Share, sync: _Sync, worker: int) -> None:
     """Process entry point: report ("ready"), wait for the start signal, run, report ("done")."""
     try:
-        sync.results.put(("done", share.index, asyncio.run(_work(workload, load, share, sync))))
+        sync.results.put(("done", worker, asyncio.run(_work(workload, load, share, sync, worker))))
     except BaseException as exc:  # everything goes back to the parent, which explains and stops
-        sync.results.put(("error", share.index, _describe(exc)))
+        sync.results.put(("error", worker, _describe(exc)))
 
 
 def _describe(exc: BaseException) -> str:
@@ -377,7 +415,7 @@ def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
-async def _work(workload: Workload, load: Load, share: _Share, sync: _Sync) -> _Records:
+async def _work(workload: Workload, load: Load, share: _Share, sync: _Sync, worker: int) -> _Records:
     requests = build_requests(workload)
     # channels share one connection unless each keeps its own subchannel pool
     options = [*CHANNEL_OPTIONS, *([("grpc.use_local_subchannel_pool", 1)] if workload.connections > 1 else [])]
@@ -391,14 +429,13 @@ async def _work(workload: Workload, load: Load, share: _Share, sync: _Sync) -> _
                 raise BenchError(f"cannot connect to {workload.target} within 30 s") from None
             stubs.append(pb_grpc.ClassifierStub(channel))
             await stubs[-1].Classify(requests[0], timeout=max(workload.timeout_s, 60))  # connection and server warm
-        stub = stubs[0]
-        sync.results.put(("ready", share.index, None))
+        sync.results.put(("ready", worker, None))
         await asyncio.get_running_loop().run_in_executor(None, sync.go.wait)
         t_warm = sync.start.value
         t_start = t_warm + load.warmup_s
         t_end = t_start + load.duration_s if load.duration_s else None
-        stream = _Stream(stub, workload.timeout_s) if workload.mode == "stream" else None
-        call: _Call = stream if stream is not None else _unary(stubs, workload.timeout_s)
+        streams = [_Stream(stub, workload.timeout_s) for stub in stubs] if workload.mode == "stream" else []
+        call: _Call = _turns(streams) if streams else _unary(stubs, workload.timeout_s)
         recorder = _Recorder(sync if load.requests else None)
         cpu_start = asyncio.create_task(_cpu_at(t_start))
         cpu_end = asyncio.create_task(_cpu_at(t_end)) if t_end is not None else None
@@ -408,7 +445,7 @@ async def _work(workload: Workload, load: Load, share: _Share, sync: _Sync) -> _
         else:
             await _open_loop(call, requests, share, recorder, t_warm, t_start, t_end)
         cpu_s = (await cpu_end if cpu_end else time.process_time()) - await cpu_start
-        if stream is not None:
+        for stream in streams:
             await stream.close()
     return recorder.records(cpu_s)
 
@@ -425,7 +462,9 @@ def build_requests(workload: Workload) -> list[pb.ClassifyRequest]:
     count = -(-len(images) // workload.batch)
     return [
         pb.ClassifyRequest(
-            model=workload.model, images=[images[(j * workload.batch + k) % len(images)] for k in range(workload.batch)]
+            model=workload.model,
+            images=[images[(j * workload.batch + k) % len(images)] for k in range(workload.batch)],
+            priority=pb.Priority.ValueType(workload.priority),
         )
         for j in range(count)
     ]
@@ -445,24 +484,24 @@ class _Recorder:
 
     def __init__(self, sync: _Sync | None):
         self._progress = sync.progress if sync is not None else None
-        self._rows: list[tuple[float, float, int, int, int, int, int, bool, float]] = []
+        self._rows: list[tuple[float, float, int, int, int, int, int, bool, float, int]] = []
 
     def add(self, start: float, outcome: _Outcome, measured: bool, lag: float = 0.0) -> None:
         done = time.monotonic()
         code, t = outcome
         if t is None:
-            self._rows.append((start, done, code, 0, 0, 0, 0, measured, lag))
+            self._rows.append((start, done, code, 0, 0, 0, 0, measured, lag, 0))
         else:
             self._rows.append(
-                (start, done, code, t.queue_us, t.preprocess_us, t.inference_us, t.batch_size, measured, lag)
+                (start, done, code, t.queue_us, t.preprocess_us, t.inference_us, t.batch_size, measured, lag, t.lane)
             )
         if measured and self._progress is not None:
             with self._progress.get_lock():
                 self._progress.value += 1
 
     def records(self, cpu_s: float) -> _Records:
-        cols = list(zip(*self._rows)) if self._rows else [()] * 9
-        dtypes = ("f8", "f8", "i4", "i8", "i8", "i8", "i8", "?", "f8")
+        cols = list(zip(*self._rows)) if self._rows else [()] * 10
+        dtypes = ("f8", "f8", "i4", "i8", "i8", "i8", "i8", "?", "f8", "i4")
         names = [f.name for f in fields(_Records) if f.name != "cpu_s"]
         return _Records(**{n: np.array(c, dtype=d) for n, c, d in zip(names, cols, dtypes)}, cpu_s=cpu_s)
 
@@ -534,6 +573,15 @@ async def _open_loop(
         task.add_done_callback(tasks.discard)
         sent += 1
     await asyncio.gather(*tasks)
+
+
+def _turns(calls: Sequence[_Call]) -> _Call:
+    turn = itertools.cycle(calls)
+
+    async def call(request: pb.ClassifyRequest) -> _Outcome:
+        return await next(turn)(request)
+
+    return call
 
 
 def _unary(stubs: list[pb_grpc.ClassifierStub], timeout: float) -> _Call:

@@ -160,7 +160,7 @@ def write_all(report: Report, out: Path) -> list[Path]:
     """bench.json, bench.csv, bench.txt (the table) and bench.png (when matplotlib is there)."""
     out.mkdir(parents=True, exist_ok=True)
     paths = [out / "bench.json", out / "bench.csv", out / "bench.txt"]
-    paths[0].write_text(json.dumps(_plain(dataclasses.asdict(report)), indent=2) + "\n")
+    paths[0].write_text(json.dumps(plain(dataclasses.asdict(report)), indent=2) + "\n")
     write_csv(report, paths[1])
     with paths[2].open("w") as f:
         print_table(report, f)
@@ -170,14 +170,14 @@ def write_all(report: Report, out: Path) -> list[Path]:
     return paths
 
 
-def _plain(value: Any) -> Any:
+def plain(value: Any) -> Any:
     """JSON has no NaN: unknown figures become null; dict keys become strings."""
     if isinstance(value, float):
         return value if math.isfinite(value) else None
     if isinstance(value, dict):
-        return {str(k): _plain(v) for k, v in value.items()}
+        return {str(k): plain(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
+        return [plain(v) for v in value]
     return value
 
 
@@ -194,6 +194,7 @@ def write_csv(report: Report, path: Path) -> None:
         for step in report.steps + report.unbatched:
             row = dataclasses.asdict(step)
             row["errors"] = ";".join(f"{k}={v}" for k, v in step.errors.items())
+            row["lanes"] = ";".join(f"{k}={v}" for k, v in step.lanes.items())
             for kind, column in zip(("cpu", "gil"), _ROLE_COLUMNS):
                 for role, ms in row.pop(column).items():
                     row[f"{kind}_ms_img_{role}"] = ms

@@ -30,10 +30,18 @@ from mobiserve.server.metrics import Metrics
 from mobiserve.server.processing.preprocess import ImageLimits
 from mobiserve.server.runtime.model import Model
 from mobiserve.server.runtime.session import SessionTuning
-from mobiserve.server.serving import Classified, ImageInput, ModelRegistry, Timing, check_count, describe, run_whole
-from mobiserve.server.transport.calls import Calls
-from mobiserve.server.transport.servicer import ClassifierServicer
-from mobiserve.v1 import classifier_pb2_grpc as pb_grpc
+from mobiserve.server.serving import (
+    INTERACTIVE,
+    Classified,
+    ImageInput,
+    ModelRegistry,
+    Timing,
+    check_count,
+    describe,
+    run_whole,
+)
+from mobiserve.server.transport.calls import CallHandling
+from mobiserve.server.transport.servicer import ClassifierServicer, register
 
 NAME = "unbatched"
 log = logging.getLogger("mobiserve.bench.unbatched")
@@ -63,11 +71,20 @@ class UnbatchedModel:
     def name(self) -> str:
         return NAME
 
-    async def classify(self, images: Sequence[ImageInput], deadline: float | None = None) -> Classified:
+    async def classify(
+        self, images: Sequence[ImageInput], deadline: float | None = None, lane: str = INTERACTIVE, wait: bool = False
+    ) -> Classified:
+        """Every request alike: no lanes (the pool's queue is first come, first served)."""
         check_count(images, self.max_images)
         return await asyncio.get_running_loop().run_in_executor(
             self._pool, self._classify, images, deadline, time.perf_counter()
         )
+
+    def has_room(self, lane: str) -> bool:
+        return True  # the pool's queue is unbounded
+
+    async def room(self, lane: str) -> None:
+        """Always room: the pool's queue is unbounded."""
 
     def _classify(self, images: Sequence[ImageInput], deadline: float | None, arrived: float) -> Classified:
         waited = time.perf_counter() - arrived  # for a free worker thread
@@ -83,9 +100,9 @@ async def serve(model_path: str, host: str, port: int, threads: int, intra_op_th
     model.warm_up(1)
     server = grpc.aio.server(options=[("grpc.max_receive_message_length", 256 << 20), ("grpc.so_reuseport", 0)])
     os_threads.name_grpc_poller()
-    calls = Calls(Metrics(), default_timeout_s=30.0, model_names=[NAME])
-    calls.registry = ModelRegistry([UnbatchedModel(model, threads)], NAME)
-    pb_grpc.add_ClassifierServicer_to_server(ClassifierServicer(calls), server)
+    handling = CallHandling(Metrics(), default_timeout_s=30.0, model_names=[NAME])
+    handling.registry = ModelRegistry([UnbatchedModel(model, threads)], NAME)
+    register(ClassifierServicer(handling), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     port = server.add_insecure_port(f"{host}:{port}")

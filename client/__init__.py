@@ -11,7 +11,7 @@ carry the gRPC code and the server's message. See docs/client.md.
 """
 
 from mobiserve.client._aio import AsyncClient
-from mobiserve.client._base import DEFAULT_TARGET, TARGET_ENV, default_target
+from mobiserve.client._base import DEFAULT_TARGET, TARGET_ENV, Priority, default_target
 from mobiserve.client._client import Client
 from mobiserve.client._errors import (
     Cancelled,
@@ -44,6 +44,7 @@ __all__ = [
     "ModelInfo",
     "ModelNotFound",
     "Overloaded",
+    "Priority",
     "RetryPolicy",
     "ServerError",
     "TARGET_ENV",

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import functools
 import itertools
 import os
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import grpc
 
@@ -22,11 +24,33 @@ TARGET_ENV = "MOBISERVE_TARGET"
 DEFAULT_TIMEOUT_S = 30.0
 DEFAULT_TOP_K = 5
 DEFAULT_MAX_IN_FLIGHT = 64
+Priority = Literal["interactive", "bulk"]  # the server's lanes (docs/serving.md#priorities)
+_PRIORITIES: dict[str | None, pb.Priority.ValueType] = {
+    None: pb.PRIORITY_UNSPECIFIED,
+    "interactive": pb.PRIORITY_INTERACTIVE,
+    "bulk": pb.PRIORITY_BULK,
+}
 
 
 def default_target() -> str:
     """$MOBISERVE_TARGET, else the local default server."""
     return os.environ.get(TARGET_ENV) or DEFAULT_TARGET
+
+
+_SCHEME = re.compile(r"^(dns|ipv4|ipv6):(//[^/]*/)?")
+_PORT = re.compile(r":(-?\d+)$")
+
+
+def checked_target(target: str) -> str:
+    """`target` itself, once every port in it is 1 to 65535: gRPC would dial port 99999 as 34463."""
+    addresses = _SCHEME.sub("", target, count=1)
+    if target.startswith("unix:"):
+        return target
+    for address in addresses.split(","):
+        found = _PORT.search(address.strip("/"))
+        if found and not 1 <= int(found[1]) <= 65535:
+            raise ValueError(f"target {target!r}: port {found[1]} is not 1 to 65535")
+    return target
 
 
 class ClientBase:
@@ -46,6 +70,8 @@ class ClientBase:
     them by connection, so one client needs at least N connections to reach every worker.
     """
 
+    _opens_at_once = True  # the channels; the asyncio client waits for its first call, in its event loop
+
     def __init__(
         self,
         target: str | None = None,
@@ -62,17 +88,30 @@ class ClientBase:
     ):
         if connections < 1:
             raise ValueError(f"connections must be at least 1, got {connections}")
-        self.target = target or default_target()
+        self.target = checked_target(target or default_target())
         self.timeout = timeout
         self.wait_for_ready = wait_for_ready
         self._max_message_bytes = max_message_bytes
         settings = channel_options(retry, keepalive, max_message_bytes, load_balancing, options)
         if connections > 1:  # channels share their connections unless each keeps its own pool
             settings.append(("grpc.use_local_subchannel_pool", 1))
-        self._channels = [self._channel(settings, credentials) for _ in range(connections)]
-        self._stubs = itertools.cycle([pb_grpc.ClassifierStub(c) for c in self._channels])
         # health() must reach a server that is not SERVING too: on a channel that does not watch health
         checking = channel_options(None, keepalive, max_message_bytes, load_balancing, options, watch_health=False)
+        self._open = functools.partial(self._open_channels, settings, checking, credentials, connections)
+        self._channels: list[Any] = []
+        if self._opens_at_once:
+            self._open()
+
+    def _open_channels(
+        self,
+        settings: ChannelOptions,
+        checking: ChannelOptions,
+        credentials: grpc.ChannelCredentials | None,
+        connections: int,
+    ) -> None:
+        """Open the channels (the blocking client at once, the asyncio one on its first call)."""
+        self._channels = [self._channel(settings, credentials) for _ in range(connections)]
+        self._stubs = itertools.cycle([pb_grpc.ClassifierStub(c) for c in self._channels])
         self._health_channel = self._channel(checking, credentials)
         self._check = self._health_channel.unary_unary(_health.CHECK)
 
@@ -87,10 +126,16 @@ class ClientBase:
     def _timeout(self, timeout: float | None) -> float | None:
         return self.timeout if timeout is None else timeout
 
-    def _request(self, image: pb.Image, top_k: int, model: str | None, request_id: str) -> pb.ClassifyRequest:
+    def _request(
+        self, image: pb.Image, top_k: int, model: str | None, request_id: str, priority: Priority | None = None
+    ) -> pb.ClassifyRequest:
         if top_k < 1:
             raise ValueError(f"top_k must be at least 1, got {top_k}")
-        request = pb.ClassifyRequest(model=model or "", images=[image], top_k=top_k, request_id=request_id)
+        if priority not in _PRIORITIES:
+            raise ValueError(f"priority must be 'interactive', 'bulk' or None, got {priority!r}")
+        request = pb.ClassifyRequest(
+            model=model or "", images=[image], top_k=top_k, request_id=request_id, priority=_PRIORITIES[priority]
+        )
         size = request.ByteSize()
         if size > self._max_message_bytes:
             # refused here: the server would refuse it too, after gRPC had retried the upload

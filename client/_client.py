@@ -10,7 +10,7 @@ from types import TracebackType
 import grpc
 
 from mobiserve.client import _health
-from mobiserve.client._base import DEFAULT_MAX_IN_FLIGHT, DEFAULT_TOP_K, ClientBase, StreamState
+from mobiserve.client._base import DEFAULT_MAX_IN_FLIGHT, DEFAULT_TOP_K, ClientBase, Priority, StreamState
 from mobiserve.client._errors import ModelNotFound, translated
 from mobiserve.client._images import ImageLike, image_of
 from mobiserve.client._options import ChannelOptions
@@ -37,13 +37,15 @@ class Client(ClientBase):
         top_k: int = DEFAULT_TOP_K,
         model: str | None = None,
         timeout: float | None = None,
+        priority: Priority | None = None,
         shrink: str | None = None,
     ) -> Classification:
-        """Classify one image. `model` None: the server's default. Raises a `MobiserveError`.
-        `shrink` "resize" or "crop": scale the image down here, as the server would (same answer;
-        needs Pillow; docs/client.md)."""
+        """Classify one image. `model` None: the server's default. `priority`: "interactive" or
+        "bulk" (None: the call's default, interactive). `shrink` "resize" or "crop": scale the image
+        down here, as the server would (same answer; needs Pillow; docs/client.md). Raises a
+        `MobiserveError`."""
         check_shrink(shrink)
-        request = self._request(image_of(image, shrink), top_k, model, uuid.uuid4().hex)
+        request = self._request(image_of(image, shrink), top_k, model, uuid.uuid4().hex, priority)
         with translated():
             response = self._stub.Classify(request, timeout=self._timeout(timeout), wait_for_ready=self.wait_for_ready)
         return classification_of(response)
@@ -57,6 +59,7 @@ class Client(ClientBase):
         ordered: bool = True,
         max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
         timeout: float | None = None,
+        priority: Priority | None = None,
         shrink: str | None = None,
     ) -> Iterator[Classification]:
         """Classify many images over one ClassifyStream, up to `max_in_flight` at a time.
@@ -66,6 +69,9 @@ class Client(ClientBase):
         an endless iterator runs in bounded memory. `images` is consumed on a gRPC thread.
         `timeout` bounds the whole stream (default: none; the server still bounds each image).
         A failed image raises its `MobiserveError` (with `input_index`) when its turn comes.
+        `priority`: "interactive" or "bulk" (None: the stream's default, bulk: the server serves
+        it in its bulk lane, beside interactive calls, and stops reading the stream while that
+        lane is full).
         `shrink`: as in `classify`.
         """
         check_shrink(shrink)
@@ -78,7 +84,7 @@ class Client(ClientBase):
             while window.acquire():  # blocks gRPC's sending thread: the backpressure
                 try:
                     image = next(iterator)
-                    request = self._request(image_of(image, shrink), top_k, model, str(index))
+                    request = self._request(image_of(image, shrink), top_k, model, str(index), priority)
                 except StopIteration:
                     return
                 except Exception as exc:

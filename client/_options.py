@@ -16,6 +16,7 @@ from mobiserve.v1 import classifier_pb2 as pb
 
 SERVICE = pb.DESCRIPTOR.services_by_name["Classifier"].full_name  # "mobiserve.v1.Classifier"
 DEFAULT_MAX_MESSAGE_BYTES = 64 << 20  # the server's default limit
+MAX_ATTEMPTS = 5  # what gRPC allows a retry policy (it clamps more, with a warning on stderr)
 
 ChannelOptions = Sequence[tuple[str, Any]]
 
@@ -30,11 +31,23 @@ class RetryPolicy:
     that gRPC cannot replay it, and a full queue fails single requests inside the stream.
     """
 
-    max_attempts: int = 5  # including the first; gRPC caps it at 5
+    max_attempts: int = MAX_ATTEMPTS  # including the first
     initial_backoff_s: float = 0.1
     max_backoff_s: float = 5.0
     backoff_multiplier: float = 2.0
     retry_overloaded: bool = True  # also retry RESOURCE_EXHAUSTED on Classify and ListModels
+
+    def __post_init__(self) -> None:
+        """Refused here, in words: gRPC itself clamps more than 5 attempts with a log line on
+        stderr, and drops a policy of 1 attempt or of no backoff."""
+        if not 2 <= self.max_attempts <= MAX_ATTEMPTS:
+            raise ValueError(
+                f"RetryPolicy(max_attempts={self.max_attempts}): gRPC makes 2 to {MAX_ATTEMPTS} attempts per call "
+                "(the first included); for no retries pass retry=None"
+            )
+        for name in ("initial_backoff_s", "max_backoff_s", "backoff_multiplier"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"RetryPolicy({name}={getattr(self, name)}): must be positive")
 
     def as_json(self, codes: Sequence[str]) -> dict[str, Any]:
         return {

@@ -27,6 +27,10 @@ class Timing:
     preprocess_us: int
     inference_us: int
     batch_size: int
+    lane: str = ""  # the server's lane that served it: "interactive" or "bulk" ("": not said)
+
+
+_LANES = {pb.PRIORITY_INTERACTIVE: "interactive", pb.PRIORITY_BULK: "bulk"}
 
 
 @dataclass(frozen=True)
@@ -72,7 +76,7 @@ def classification_of(response: pb.ClassifyResponse, input_index: int = 0) -> Cl
     return Classification(
         classes=tuple(ClassScore(c.index, c.wnid, c.name, c.score) for c in response.results[0].classes),
         model=response.model,
-        timing=Timing(t.queue_us, t.preprocess_us, t.inference_us, t.batch_size),
+        timing=Timing(t.queue_us, t.preprocess_us, t.inference_us, t.batch_size, _LANES.get(t.lane, "")),
         request_id=response.request_id,
         input_index=input_index,
     )

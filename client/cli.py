@@ -18,6 +18,8 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import grpc
+
 from mobiserve.client import (
     DEFAULT_TARGET,
     TARGET_ENV,
@@ -28,6 +30,8 @@ from mobiserve.client import (
     Unavailable,
     default_target,
 )
+from mobiserve.client._base import DEFAULT_MAX_IN_FLIGHT, DEFAULT_TOP_K, checked_target
+from mobiserve.client._tls import speaks_tls
 from mobiserve.client.validation import Tally
 from mobiserve.common import zoo
 from mobiserve.common.command import fail
@@ -44,7 +48,9 @@ def register(sub: Subcommands) -> None:
     """Add this module's subcommands to the `mobiserve` parser."""
     p = sub.add_parser("classify", help="classify image files with a running server")
     p.add_argument("images", nargs="+", metavar="IMAGE", help="image files (JPEG, PNG, WebP, BMP, GIF, TIFF)")
-    p.add_argument("--top-k", type=int, default=5, metavar="K", help="classes to show per image (default 5)")
+    p.add_argument(
+        "--top-k", type=_at_least(1), default=DEFAULT_TOP_K, metavar="K", help="classes per image (default %(default)s)"
+    )
     p.add_argument(
         "--shrink",
         choices=("resize", "crop"),
@@ -57,18 +63,28 @@ def register(sub: Subcommands) -> None:
     p = sub.add_parser(
         "validate",
         help="top-1 / top-5 accuracy of a labelled image folder, classified by a running server",
-        description="DIR holds <wnid>_<anything>.<ext> files, or ImageNet-style <wnid>/ folders of images.",
+        description="DIR holds <wnid>_<anything>.<ext> files, or ImageNet-style <wnid>/ folders of images; "
+        "other image files are skipped and counted. A progress bar shows on a terminal when tqdm is installed "
+        "(pip install tqdm; the server extra has it).",
     )
     p.add_argument("dir", type=Path, metavar="DIR")
     p.add_argument(
         "--synsets",
         type=Path,
         metavar="FILE",
-        help="'<wnid> <name>' per line: names the classes and skips files with other labels "
-        "(default: compare with the wnids the server answers with)",
+        help="'<wnid> <name>' per line: names the classes, and labels are its first column "
+        "(default: labels are ImageNet wnids, compared with the wnids the server answers with)",
     )
-    p.add_argument("--worst", type=int, default=10, metavar="N", help="worst classes to list (default 10)")
-    p.add_argument("--max-in-flight", type=int, default=64, metavar="N", help="images in flight at once (default 64)")
+    p.add_argument(
+        "--worst", type=_at_least(0), default=10, metavar="N", help="worst classes to list (default %(default)s)"
+    )
+    p.add_argument(
+        "--max-in-flight",
+        type=_at_least(1),
+        default=DEFAULT_MAX_IN_FLIGHT,
+        metavar="N",
+        help="images in flight at once (default %(default)s)",
+    )
     _add_call_options(p)
     p.set_defaults(func=_validate)
 
@@ -77,7 +93,10 @@ def register(sub: Subcommands) -> None:
     p.add_argument("--json", action="store_true", help="print JSON on stdout")
     p.set_defaults(func=_models)
     actions = p.add_subparsers(metavar="ACTION")
-    pull = actions.add_parser("pull", help="download the zoo's MobileNetV2 models, checked by sha256")
+    pull = actions.add_parser(
+        "pull",
+        help="download the zoo's MobileNetV2 models, checked (int8: sha256; fp32: its inputs and outputs)",
+    )
     pull.add_argument("names", nargs="*", metavar="NAME", help=f"which models ({', '.join(zoo.ZOO)}; default all)")
     pull.add_argument("--dir", type=Path, default=zoo.DEFAULT_MODELS_DIR, help="models folder (default: %(default)s)")
     pull.add_argument("--from", dest="source", help=f"a folder or base URL holding the files (or ${zoo.MIRROR_ENV})")
@@ -91,17 +110,92 @@ def register(sub: Subcommands) -> None:
     )
     _add_target(p)
     p.add_argument("--service", default="", help="service to ask about (default: the whole server)")
-    p.add_argument("--timeout", type=float, default=5.0, metavar="S", help="seconds (default 5)")
+    p.add_argument("--timeout", type=_positive, default=5.0, metavar="S", help="seconds (default %(default)g)")
     p.set_defaults(func=_health)
 
 
 def _add_target(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--target",
+        type=_target,
         metavar="HOST:PORT",
         help="server address, or several balanced by round_robin: ipv4:H:P,H:P or dns:///host:port "
         f"(default ${TARGET_ENV}, else {DEFAULT_TARGET})",
     )
+    tls = parser.add_argument_group("TLS", "for a server started with --tls-cert (default: plaintext)")
+    tls.add_argument("--tls", action="store_true", help="TLS, trusting the system's certificate authorities")
+    tls.add_argument("--tls-ca", metavar="PEM", help="TLS, trusting this CA certificate (implies --tls)")
+    tls.add_argument(
+        "--tls-cert", metavar="PEM", help="client certificate, for a server that asks for one (mutual TLS)"
+    )
+    tls.add_argument("--tls-key", metavar="PEM", help="its private key")
+
+
+def _client(args: argparse.Namespace, **settings: Any) -> Client:
+    """The client the flags describe: target and TLS."""
+    return Client(args.target, credentials=_credentials(args), **settings)
+
+
+def _credentials(args: argparse.Namespace) -> grpc.ChannelCredentials | None:
+    if bool(args.tls_cert) != bool(args.tls_key):
+        raise UsageError("--tls-cert and --tls-key go together")
+    if not (args.tls or args.tls_ca or args.tls_cert):
+        return None
+
+    def read(path: str | None) -> bytes | None:
+        return Path(path).read_bytes() if path else None
+
+    return grpc.ssl_channel_credentials(read(args.tls_ca), read(args.tls_key), read(args.tls_cert))
+
+
+def _uses_tls(args: argparse.Namespace) -> bool:
+    return bool(args.tls or args.tls_ca or args.tls_cert)
+
+
+def _unreachable(args: argparse.Namespace, target: str, exc: MobiserveError) -> str:
+    """Why a server did not answer, with a hint when the reason is TLS on one side only."""
+    if not _uses_tls(args) and speaks_tls(target):
+        return (
+            f"server {target} speaks TLS and this call was plaintext: give --tls-ca CA.pem (or --tls for a "
+            "certificate from a public authority), and --tls-cert/--tls-key if it asks for a client certificate"
+        )
+    if _uses_tls(args) and any(word in exc.message for word in ("WRONG_VERSION_NUMBER", "handshake failed")):
+        return f"server {target} is unavailable over TLS ({exc.message}); does it serve plaintext? then drop --tls*"
+    return f"server {target} is unavailable: {exc}"
+
+
+class UsageError(ValueError):
+    """Options that do not go together: exit status 2 before any network, as argparse's own."""
+
+
+def _at_least(minimum: int) -> Callable[[str], int]:
+    def number(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+        return value
+
+    return number
+
+
+def _positive(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {text}")
+    return value
+
+
+def _target(text: str) -> str:
+    try:
+        return checked_target(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _add_call_options(parser: argparse.ArgumentParser) -> None:
@@ -117,8 +211,10 @@ def _reported(command: Command) -> Command:
     def run(args: argparse.Namespace) -> int:
         try:
             return command(args)
+        except UsageError as exc:
+            return fail(str(exc), 2)
         except Unavailable as exc:
-            return fail(f"server {args.target or default_target()} is unavailable: {exc}")
+            return fail(_unreachable(args, args.target or default_target(), exc))
         except MobiserveError as exc:
             return fail(f"{exc.message} ({exc.code.name})")
         except (OSError, ValueError) as exc:
@@ -146,7 +242,7 @@ def _classify(args: argparse.Namespace) -> int:
     if args.shrink and importlib.util.find_spec("PIL") is None:
         return fail("--shrink needs Pillow to decode and resize images here: pip install 'pillow>=13'")
     answers: list[dict[str, Any]] = []
-    with Client(args.target) as client:
+    with _client(args) as client:
         try:
             results = client.classify_many(paths, top_k=args.top_k, model=args.model, shrink=args.shrink)
             for path, result in zip(paths, results):
@@ -181,7 +277,7 @@ def _validate(args: argparse.Namespace) -> int:
         names = dict(zip(labels.wnids, labels.names))
     found = labelled_images(args.dir, names or None)
     if found.skipped:
-        why = "a label in --synsets" if names else "a <wnid>_ prefix or <wnid>/ folder"
+        why = "a label in --synsets" if names else "a <wnid>_ prefix or <wnid>/ folder (wnid: n and 8 digits)"
         print(
             f"mobiserve: skipped {len(found.skipped)} image file(s) without {why}, e.g. {found.skipped[0]}",
             file=sys.stderr,
@@ -191,7 +287,7 @@ def _validate(args: argparse.Namespace) -> int:
     paths = [item.path for item in found.images]
     tally = Tally(names=dict(names))
     model = ""
-    with Client(args.target) as client:
+    with _client(args) as client:
         started = time.perf_counter()
         try:
             results = client.classify_many(paths, top_k=5, model=args.model, max_in_flight=args.max_in_flight)
@@ -251,7 +347,7 @@ def _print_report(report: dict[str, Any]) -> None:
 
 @_reported
 def _models(args: argparse.Namespace) -> int:
-    with Client(args.target) as client:
+    with _client(args) as client:
         models = client.list_models()
     if args.json:
         print(json.dumps([dataclasses.asdict(m) for m in models], indent=2))
@@ -285,8 +381,13 @@ def _pull(args: argparse.Namespace) -> int:
         except zoo.ZooError as exc:
             status = fail(str(exc))
             continue
-        digest = zoo.sha256_of(path)
-        checked = "sha256 verified" if model.sha256 else f"sha256 {digest} (not pinned: compare with the zoo)"
+        if model.sha256:
+            checked = "sha256 verified"
+        else:
+            checked = (
+                f"an ONNX model with input float [N, 3, {model.input_size}, {model.input_size}] and output float "
+                f"[N, {model.classes}]; sha256 {zoo.sha256_of(path)}, not pinned: compare with the zoo's"
+            )
         print(f"{name}: {path} ({checked})")
     return status
 
@@ -296,11 +397,20 @@ def _pull(args: argparse.Namespace) -> int:
 
 def _health(args: argparse.Namespace) -> int:
     """Not `_reported`: an unreachable server is an answer here (exit 1), not an error."""
-    with Client(args.target, retry=None) as client:
+    try:
+        client = _client(args, retry=None)
+    except UsageError as exc:
+        return fail(str(exc), 2)
+    except (OSError, ValueError) as exc:
+        return fail(str(exc))
+    with client:
         try:
             status = client.health(args.service, timeout=args.timeout)
         except MobiserveError as exc:
-            print(f"{client.target}: unreachable: {exc.message} ({exc.code.name})")
+            if isinstance(exc, Unavailable) and not _uses_tls(args) and speaks_tls(client.target):
+                print(f"{client.target}: unreachable: {_unreachable(args, client.target, exc)}")
+            else:
+                print(f"{client.target}: unreachable: {exc.message} ({exc.code.name})")
             return 1
     print(status)
     return 0 if status == "SERVING" else 1

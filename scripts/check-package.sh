@@ -3,7 +3,7 @@
 # Usage: scripts/check-package.sh [imports|types|all]   (ROOT=DIR checks another copy of the project)
 # Both tools read a package from one folder, but mobiserve's parts live in folders of their own
 # (pyproject's package-dir), so the package is assembled in a scratch folder first and the file
-# names in the output are mapped back to the project's folders.
+# names in the output are mapped back to the project's folders. The tests are type-checked too.
 set -euo pipefail
 what="${1:-all}"
 root="${ROOT:-$(cd "$(dirname "$0")/.." && pwd)}"
@@ -12,6 +12,8 @@ tmp="$(mktemp -d)"
 trap 'rm -rf "$tmp"' EXIT
 cp -r "$root/protos/mobiserve" "$tmp/mobiserve"
 for part in common client server bench; do cp -r "$root/$part" "$tmp/mobiserve/$part"; done
+tests=()
+if [ -d "$root/tests" ]; then cp -r "$root/tests" "$tmp/tests"; tests=(tests); fi
 back() { sed -E 's#(^|[^a-z_])mobiserve/(common|client|server|bench)/#\1\2/#g'; }
 cd "$tmp"
 status=0
@@ -21,7 +23,7 @@ if [ "$what" != types ]; then
 fi
 if [ "$what" != imports ]; then
   out="$("$BIN/mypy" --config-file "$root/pyproject.toml" --cache-dir "$root/.mypy_cache" \
-    mobiserve/common mobiserve/client mobiserve/server mobiserve/bench 2>&1)" || status=1
+    mobiserve/common mobiserve/client mobiserve/server mobiserve/bench "${tests[@]}" 2>&1)" || status=1
   printf '%s\n' "$out" | back
 fi
 exit "$status"

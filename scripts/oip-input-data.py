@@ -4,10 +4,10 @@
     scripts/oip-input-data.py jpeg ../shared/data/imagenet-sample out.json [--count 64]
     scripts/oip-input-data.py fp32 out.json [--count 8] [--seed 0]
 
-`jpeg`: one step per image file, each the BYTES input `encoded_image` (perf_analyzer cycles
-through the steps). `fp32`: random model inputs for `input` (FP32 [3, 224, 224] per image,
-drawn like normalised pixels). Each step names only one input: the other is optional, and
-perf_analyzer's own random data would fill the BYTES input with random strings too.
+`jpeg`: one step per image file, each the BYTES input `encoded_image` of a model's image face
+(`-m int8_image`; perf_analyzer cycles through the steps). `fp32`: random inputs for the network
+itself (`-m int8`), its `input` (FP32 [3, 224, 224] per image, drawn like normalised pixels).
+perf_analyzer's own random data would fill a BYTES input with random strings, not images.
 perf_analyzer sends a `b64` value as the tensor's raw bytes, so a BYTES element is written in
 the protocol's raw form: a 4-byte little-endian length, then the bytes.
 """

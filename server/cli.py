@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import logging
 import os
 import sys
@@ -12,10 +13,10 @@ from typing import TYPE_CHECKING, Any
 
 from mobiserve.common import zoo
 from mobiserve.common.command import fail, missing
+from mobiserve.server.config import ModelConfig, ServerConfig, default_of  # standard library only: for the help
 
 if TYPE_CHECKING:
     from mobiserve.common.command import Subcommands
-    from mobiserve.server.config import ServerConfig
 
 log = logging.getLogger("mobiserve.server")
 # What `serve` imports beyond the thin client: checked first, so a missing extra is one line.
@@ -31,116 +32,262 @@ def register(sub: Subcommands) -> None:
 
 
 def _add_serve(sub: Subcommands) -> None:
-    p = sub.add_parser("serve", help="run the gRPC server", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--config", help="TOML file listing models and server settings (flags override it)")
+    # every default shown comes from the dataclasses that set it (server/config.py)
+    server, model = functools.partial(_default, ServerConfig), functools.partial(_default, ModelConfig)
+    p = sub.add_parser("serve", help="run the gRPC server", description="Serve ONNX image classifiers over gRPC.")
+    p.add_argument(
+        "--config",
+        metavar="FILE",
+        help="TOML file listing models and server settings (docs/operations.md); server flags override "
+        "its [server] table, and per-model settings go in its [[models]] tables",
+    )
     p.add_argument(
         "--model",
         action="append",
         metavar="[NAME=]PATH",
         help="ONNX model to serve; repeat for several (the first is the default); "
-        "a bare PATH is named after its file; a folder means the one *.onnx file in it. "
-        "Default: the zoo's int8 model, pulled if missing",
+        "a bare PATH is named after its file; a folder means the one *.onnx file in it "
+        f"(default: the zoo's {zoo.DEFAULT_MODEL.name} model, pulled into {zoo.DEFAULT_MODELS_DIR}/ if missing)",
     )
-    p.add_argument("--name", help="name of the model when a single --model is given")
-    p.add_argument("--synsets", help="labels file, '<wnid> <name>' per line in output order (default: ImageNet-1k)")
-    p.add_argument("--host", default=None, help="address to bind (default 127.0.0.1: local only)")
-    p.add_argument("--port", type=int, default=None, help="port to bind (default 50051; 0 picks a free one)")
-    p.add_argument("--max-batch-size", type=int, default=32, help="images per onnxruntime run at most")
-    p.add_argument(
+    p.add_argument("--name", help="name of the model when a single --model is given (default: its file name)")
+    m = p.add_argument_group("per model", "with --model; with --config, set them in each [[models]] table")
+    m.add_argument(
+        "--synsets",
+        metavar="FILE",
+        help="labels file, '<wnid> <name>' per line in output order (default: ImageNet-1k, shipped with mobiserve)",
+    )
+    m.add_argument(
+        "--max-batch-size",
+        type=int,
+        metavar="N",
+        help=f"images per onnxruntime run at most ({model('max_batch_size')})",
+    )
+    m.add_argument(
         "--max-queue-delay-ms",
         type=float,
-        default=0.0,
-        help="let a batch fill for up to this long after its first image (0: never wait)",
+        metavar="MS",
+        help="let a batch fill for up to this long after its first image "
+        f"({model('max_queue_delay_ms', zero='never wait')})",
     )
-    p.add_argument(
+    m.add_argument(
         "--max-queue-size",
         type=int,
-        default=1024,
-        help="images waiting per model before new work is refused with RESOURCE_EXHAUSTED (0: no limit)",
+        metavar="N",
+        help="images waiting per model before new work is refused with RESOURCE_EXHAUSTED "
+        f"({model('max_queue_size', zero='no limit')})",
     )
-    p.add_argument("--instances", type=int, default=0, help="onnxruntime sessions per model (0: one per 4 cores)")
-    p.add_argument("--intra-op-threads", type=int, default=0, help="threads per session (0: cores / instances)")
-    p.add_argument("--allow-spinning", action="store_true", help="let onnxruntime threads spin between batches")
-    p.add_argument("--preprocess-threads", type=int, default=None, help="decode/resize threads (default: cores)")
-    p.add_argument(
+    m.add_argument(
+        "--instances",
+        type=int,
+        metavar="N",
+        help=f"onnxruntime sessions per model ({model('instances', zero='one per 4 cores')})",
+    )
+    m.add_argument(
+        "--intra-op-threads",
+        type=int,
+        metavar="N",
+        help=f"threads per session ({model('intra_op_threads', zero='the cores divided among the instances')})",
+    )
+    m.add_argument(
+        "--allow-spinning",
+        action="store_true",
+        default=None,
+        help=f"let onnxruntime threads spin between batches ({model('allow_spinning')})",
+    )
+    m.add_argument(
         "--decode",
         choices=("exact", "fast"),
-        default=None,
         help="fast: decode large JPEGs at 1/2-1/8 scale, several times cheaper and no longer bit-exact "
-        "(docs/performance.md); with --config, set decode per model in the file (default: exact)",
+        f"(docs/performance.md#large-photos; {model('decode')})",
+    )
+    m.add_argument(
+        "--default-priority-level",
+        type=int,
+        metavar="N",
+        help="priority level of a request that asks for none: 1 interactive, 2 bulk "
+        f"({model('default_priority_level', zero='by RPC, unary calls interactive, streams bulk')})",
+    )
+    m.add_argument(
+        "--bulk-max-batch-size",
+        type=int,
+        metavar="N",
+        help=f"images per bulk batch at most ({model('bulk_max_batch_size')})",
+    )
+    m.add_argument(
+        "--bulk-max-queue-size",
+        type=int,
+        metavar="N",
+        help="bulk images waiting per model; a stream whose bulk lane is full is not read until there is room "
+        f"({model('bulk_max_queue_size', zero='no limit')})",
+    )
+    m.add_argument(
+        "--bulk-min-share",
+        type=float,
+        metavar="F",
+        help=f"share of inference time bulk work keeps while it has work ({model('bulk_min_share')})",
+    )
+    p.add_argument("--host", help=f"address to bind ({server('host')})")
+    p.add_argument("--port", type=_port, help=f"port to bind ({server('port', zero='pick a free one')})")
+    p.add_argument(
+        "--preprocess-threads",
+        type=int,
+        metavar="N",
+        help=f"decode/resize threads ({server('preprocess_threads', zero='one per core')})",
+    )
+    p.add_argument(
+        "--bulk-nice",
+        type=int,
+        metavar="N",
+        help="bulk work's threads run at an OS priority lowered by this nice value "
+        f"({server('bulk_nice', zero='as interactive work')})",
     )
     p.add_argument(
         "--workers",
         type=_workers,
-        default=None,
         metavar="N|auto",
         help="server processes sharing the port, each with its share of the cores (auto: one per 4 cores; "
-        "default 1). Connections, not calls, are spread over them",
+        f"{server('workers')}). Connections, not calls, are spread over them",
     )
-    p.add_argument("--pin-cpus", action="store_true", default=None, help="pin each worker to its share of the cores")
-    p.add_argument("--max-images-per-request", type=int, default=None, help="default 256")
-    p.add_argument("--max-pixels", type=int, default=None, help="largest image accepted, in pixels (default 50 M)")
-    p.add_argument("--max-message-mb", type=float, default=None, help="largest gRPC message (default 64 MiB)")
     p.add_argument(
-        "--default-timeout", type=float, default=None, help="seconds, for calls without a deadline (default 30)"
+        "--pin-cpus",
+        action="store_true",
+        default=None,
+        help=f"pin each worker to its share of the cores ({server('pin_cpus')})",
     )
-    p.add_argument("--grace-period", type=float, default=None, help="seconds to drain on SIGTERM (default 30)")
-    p.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus metrics on this port")
+    p.add_argument(
+        "--max-images-per-request",
+        type=int,
+        metavar="N",
+        help=f"images in one request at most ({server('max_images_per_request')})",
+    )
+    p.add_argument(
+        "--max-pixels",
+        type=int,
+        metavar="N",
+        help=f"largest image accepted, in pixels ({server('max_pixels')})",
+    )
+    p.add_argument(
+        "--max-message-mb",
+        type=float,
+        metavar="MB",
+        help=f"largest gRPC message, in MiB (default {default_of(ServerConfig, 'max_message_bytes') / MIB:g})",
+    )
+    p.add_argument(
+        "--default-timeout",
+        type=float,
+        metavar="S",
+        help=f"seconds, for calls without a deadline ({server('default_timeout_s')})",
+    )
+    p.add_argument("--grace-period", type=float, metavar="S", help=f"seconds to drain on SIGTERM ({server('grace_s')})")
+    p.add_argument(
+        "--metrics-port",
+        type=_port,
+        metavar="PORT",
+        help=f"serve Prometheus metrics on this port ({server('metrics_port', zero='none')})",
+    )
     p.add_argument(
         "--expose-model-paths",
         action="store_true",
         default=None,
-        help="ListModels reports each model's full path on this machine (default: its file name only)",
+        help="ListModels reports each model's full path on this machine, not only its file name "
+        f"({server('expose_model_paths')})",
     )
     c = p.add_argument_group("connections", "idle and age limits, keepalive pings (seconds; see docs/operations.md)")
     c.add_argument(
         "--max-connection-idle",
         type=float,
-        default=None,
-        help="close a connection without calls (default 300; 0: never)",
+        metavar="S",
+        help=f"close a connection without calls ({server('max_connection_idle_s', zero='never')})",
     )
     c.add_argument(
         "--max-connection-age",
         type=float,
-        default=None,
-        help="close every connection this old with GOAWAY, so clients reconnect and rebalance (default 0: never)",
+        metavar="S",
+        help="close every connection this old with GOAWAY, so clients reconnect and rebalance "
+        f"({server('max_connection_age_s', zero='never')})",
     )
     c.add_argument(
         "--max-connection-age-grace",
         type=float,
-        default=None,
-        help="after that GOAWAY, cut calls still running on it (default 30; 0: wait for them)",
+        metavar="S",
+        help="after that GOAWAY, cut calls still running on it "
+        f"({server('max_connection_age_grace_s', zero='wait for them')})",
     )
-    c.add_argument("--keepalive-time", type=float, default=None, help="ping a connection silent this long (default 60)")
+    c.add_argument(
+        "--keepalive-time",
+        type=float,
+        metavar="S",
+        help=f"ping a connection silent this long ({server('keepalive_time_s')})",
+    )
     c.add_argument(
         "--keepalive-timeout",
         type=float,
-        default=None,
-        help="close it when a ping is unanswered this long (default 20)",
+        metavar="S",
+        help=f"close it when a ping is unanswered this long ({server('keepalive_timeout_s')})",
     )
     c.add_argument(
         "--min-ping-interval",
         type=float,
-        default=None,
-        help="shortest client ping interval allowed, with or without calls (default 10)",
+        metavar="S",
+        help=f"shortest client ping interval allowed, with or without calls ({server('min_ping_interval_s')})",
     )
-    p.add_argument("--tls-cert", help="server certificate (PEM); enables TLS")
-    p.add_argument("--tls-key", help="server private key (PEM)")
-    p.add_argument("--tls-client-ca", help="CA (PEM) that client certificates must chain to; enables mutual TLS")
-    p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    t = p.add_argument_group("TLS", "PEM files; docs/operations.md shows how to make them")
+    t.add_argument("--tls-cert", metavar="PEM", help="server certificate; enables TLS (default: plaintext)")
+    t.add_argument("--tls-key", metavar="PEM", help="its private key")
+    t.add_argument(
+        "--tls-client-ca", metavar="PEM", help="CA that client certificates must chain to; enables mutual TLS"
+    )
+    p.add_argument(
+        "--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="(default: %(default)s)"
+    )
     p.set_defaults(func=_serve)
 
 
+MIB = 1 << 20
+# The flags that set a model's knobs: with --config, the file's [[models]] tables do.
+MODEL_FLAGS = {
+    "synsets": "--synsets",
+    "max_batch_size": "--max-batch-size",
+    "max_queue_delay_ms": "--max-queue-delay-ms",
+    "max_queue_size": "--max-queue-size",
+    "instances": "--instances",
+    "intra_op_threads": "--intra-op-threads",
+    "allow_spinning": "--allow-spinning",
+    "decode": "--decode",
+    "default_priority_level": "--default-priority-level",
+    "bulk_max_batch_size": "--bulk-max-batch-size",
+    "bulk_max_queue_size": "--bulk-max-queue-size",
+    "bulk_min_share": "--bulk-min-share",
+}
+
+
+class UsageError(ValueError):
+    """Flags that do not go together: exit status 2, as argparse's own usage errors."""
+
+
+def _default(cls: type[Any], name: str, zero: str = "") -> str:
+    """ "default 32", or with what 0 means: "default 0: never" / "default 300; 0: never"."""
+    value = default_of(cls, name)
+    if isinstance(value, bool):
+        return f"default: {'on' if value else 'off'}"
+    text = f"default {value:g}" if isinstance(value, float) else f"default {value}"
+    if not zero:
+        return text
+    return f"{text}: {zero}" if value == 0 else f"{text}; 0: {zero}"
+
+
 def _serve(args: argparse.Namespace) -> int:
-    if hint := missing("server", *SERVER_MODULES):
+    if hint := missing("server", *SERVER_MODULES, "msgspec"):
         return fail(hint)
     from mobiserve.server import logs, workers
 
-    logs.configure(args.log_level)
     try:
         config = _server_config(args)
+    except UsageError as exc:
+        return fail(str(exc), 2)
     except (ValueError, OSError) as exc:
         return fail(str(exc))
+    logs.configure(args.log_level)
     count = config.workers or workers.auto_workers()
     if count > 1:  # the supervisor: it imports no server code itself, and prometheus-client only after its setup
         try:
@@ -160,17 +307,18 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _server_config(args: argparse.Namespace) -> ServerConfig:
-    from mobiserve.server.config import ModelConfig, ServerConfig, load_toml
+    from mobiserve.server.config import load_toml
 
     overrides = {
         "host": args.host,
         "port": args.port,
         "preprocess_threads": args.preprocess_threads,
+        "bulk_nice": args.bulk_nice,
         "workers": args.workers,
         "pin_cpus": args.pin_cpus,
         "max_images_per_request": args.max_images_per_request,
         "max_pixels": args.max_pixels,
-        "max_message_bytes": None if args.max_message_mb is None else int(args.max_message_mb * (1 << 20)),
+        "max_message_bytes": None if args.max_message_mb is None else int(args.max_message_mb * MIB),
         "default_timeout_s": args.default_timeout,
         "grace_s": args.grace_period,
         "metrics_port": args.metrics_port,
@@ -186,35 +334,37 @@ def _server_config(args: argparse.Namespace) -> ServerConfig:
         "min_ping_interval_s": args.min_ping_interval,
     }
     if bool(args.tls_cert) != bool(args.tls_key):
-        raise ValueError("--tls-cert and --tls-key go together")
+        raise UsageError("--tls-cert and --tls-key go together")
     if args.tls_client_ca and not args.tls_cert:
-        raise ValueError("--tls-client-ca (mutual TLS) needs --tls-cert and --tls-key too")
+        raise UsageError("--tls-client-ca (mutual TLS) needs --tls-cert and --tls-key too")
+    knobs: dict[str, Any] = {key: getattr(args, key) for key in MODEL_FLAGS if getattr(args, key) is not None}
     if args.config:
-        if args.model:
-            raise ValueError("give models either in --config or with --model, not both")
-        if args.decode:
-            raise ValueError('--decode applies to --model; in a --config file, set decode = "fast" per model')
+        if args.model or args.name:
+            raise UsageError("give models either in --config or with --model, not both")
+        if knobs:
+            flags = ", ".join(MODEL_FLAGS[key] for key in knobs)
+            raise UsageError(f"{flags} set a --model's knobs; with --config, set them in each [[models]] table")
         return load_toml(args.config, **overrides)
-    knobs: dict[str, Any] = {
-        "max_batch_size": args.max_batch_size,
-        "max_queue_delay_ms": args.max_queue_delay_ms,
-        "max_queue_size": args.max_queue_size,
-        "instances": args.instances,
-        "intra_op_threads": args.intra_op_threads,
-        "allow_spinning": args.allow_spinning,
-        "decode": args.decode or "exact",
-    }
-    if args.synsets:
-        knobs["synsets"] = args.synsets
     specs = args.model or [f"{zoo.DEFAULT_MODEL.name}={_default_model()}"]
     if args.name and len(specs) > 1:
-        raise ValueError("--name applies to a single --model; use NAME=PATH for several")
+        raise UsageError("--name applies to a single --model; use NAME=PATH for several")
     models = []
     for spec in specs:
         name, path = _split_model_spec(spec)
         path = _model_file(path)
         models.append(ModelConfig(name=args.name or name or Path(path).stem, path=path, **knobs))
     return ServerConfig(models=tuple(models), **{k: v for k, v in overrides.items() if v is not None})
+
+
+def _port(text: str) -> int:
+    """A port number, 0 to 65535 (0: the server picks one, or no metrics endpoint)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a port number, got {text!r}") from None
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"a port is 0 to 65535, got {value}")
+    return value
 
 
 def _workers(text: str) -> int:

@@ -31,6 +31,11 @@ class InferenceFailed(MobiserveError):
     """onnxruntime failed on a batch; only that batch's requests fail (INTERNAL)."""
 
 
+class AnswerTooLarge(MobiserveError):
+    """A built answer over the send limit: its request fails alone (INTERNAL). Requests are checked
+    against a bound of their answer's size first (transport/sizes.py), so this is a wrong bound."""
+
+
 class ModelLoadError(MobiserveError):
     """A model file cannot be served (missing, not ONNX, wrong input or output shape)."""
 

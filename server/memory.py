@@ -8,10 +8,10 @@ dynamic adjustment off, see mallopt(3)) keeps blocks above 1 MiB mapped, so they
 system when freed. Typical requests (JPEGs of a few hundred KB) and the per-image tensors stay
 below it; a 32-image batch tensor is mapped per batch, which costs well under a millisecond.
 
-Smaller blocks come from glibc's per-thread arenas, and a burst (100 streams of 20 images that a
-client never reads, then kills) leaves those arenas holding ~200 MB of freed but unreturned
-memory after every round: RSS climbed 185 -> 443 MB over four rounds with no live object more.
-`trim_when_idle` returns it (malloc_trim) once the server has gone quiet after some work.
+Smaller blocks come from glibc's per-thread arenas, and a burst (streams of images that a client
+never reads, then kills) leaves those arenas holding freed but unreturned memory after every
+round, so that RSS climbs round after round with no live object more (docs/performance.md has
+the figures). `trim_when_idle` returns it (malloc_trim) once the server has gone quiet after some work.
 """
 
 from __future__ import annotations

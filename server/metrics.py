@@ -16,6 +16,8 @@ import os
 import threading
 import time
 from collections import defaultdict
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -117,6 +119,37 @@ class Metrics:
             registry=r,
             multiprocess_mode="livesum",  # the server's queue: all its workers' together
         )
+        self.lane_depth = Gauge(
+            "mobiserve_lane_queue_depth_images",
+            "Images admitted to a lane and not yet in a batch (what the lane's queue limit bounds).",
+            ["model", "lane"],
+            registry=r,
+            multiprocess_mode="livesum",
+        )
+        self.lane_wait_seconds = Histogram(
+            "mobiserve_lane_queue_duration_seconds",
+            "Time each image waited in its lane's queue for a batch.",
+            ["model", "lane"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.lane_images = Counter(
+            "mobiserve_lane_images", "Images run, by the lane that served them.", ["model", "lane"], registry=r
+        )
+        self.lane_guarded = Counter(
+            "mobiserve_lane_guarded_images",
+            "Images run ahead of more urgent work because their lane was owed its share (the starvation guard).",
+            ["model", "lane"],
+            registry=r,
+        )
+        self.streams_paused = Gauge(
+            "mobiserve_streams_paused",
+            "Open streams not being read now, by what they wait for: room in their window of unsent "
+            "answers, or in their bulk lane.",
+            ["reason"],
+            registry=r,
+            multiprocess_mode="livesum",
+        )
         self.model_ready = Gauge(
             "mobiserve_model_ready",
             "1 while the model is loaded, warm and taking requests.",
@@ -145,9 +178,15 @@ class Metrics:
         """A worker of `--workers N`: the supervisor serves the metrics."""
         return bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
 
-    def observe_undelivered(self, model: str, method: str) -> None:
-        """A call gRPC ended before its message arrived (transport/arrivals.py)."""
-        self.requests.labels(model, method, "DEADLINE_EXCEEDED").inc()
+    @contextmanager
+    def paused(self, reason: str) -> Iterator[None]:
+        """A stream not read while the block runs (`reason`: "window" or "lane")."""
+        gauge = self.streams_paused.labels(reason)
+        gauge.inc()
+        try:
+            yield
+        finally:
+            gauge.dec()
 
     def observe_result(self, model: str, images: int, queue_s: float, preprocess_s: float, compute_s: float) -> None:
         """A classified request: its images and where its time went (compute: the batches it rode in)."""
@@ -157,8 +196,18 @@ class Metrics:
             self.preprocess_seconds.labels(model).observe(preprocess_s)
             self._totals[model].compute_s += compute_s
 
-    def observe_batch(self, model: str, size: int, seconds: float) -> None:
+    def observe_batch(
+        self, model: str, size: int, seconds: float, lane: str = "", waits: Sequence[float] = (), guarded: bool = False
+    ) -> None:
+        """One batch run (or a lone input), and how long each of its images waited in its lane."""
         with self._lock:
+            if lane:
+                self.lane_images.labels(model, lane).inc(size)
+                if guarded:
+                    self.lane_guarded.labels(model, lane).inc(size)
+                histogram = self.lane_wait_seconds.labels(model, lane)
+                for wait in waits:
+                    histogram.observe(wait)
             self.batch_size.labels(model).observe(size)
             self.inference_seconds.labels(model).observe(seconds)
             totals = self._totals[model]

@@ -19,7 +19,7 @@ import numpy as np
 
 from mobiserve.common.labels import Labels
 from mobiserve.server import threads
-from mobiserve.server.batching import Answered, Batcher, Stages
+from mobiserve.server.batching import Answered, Batcher, Lane, Ran, Stages
 from mobiserve.server.config import ModelConfig
 from mobiserve.server.errors import DeadlineExceeded, InvalidInput, ModelNotFound, shown
 from mobiserve.server.processing.preprocess import (
@@ -32,6 +32,9 @@ from mobiserve.server.processing.preprocess import (
 from mobiserve.server.runtime.model import Model
 
 DEFAULT_TOP_K = 5
+INTERACTIVE, BULK = "interactive", "bulk"  # the lanes of every model, most urgent first
+LANES = (INTERACTIVE, BULK)
+LEAST_URGENT = -1  # a priority level: a model's last one, whatever its number of levels
 
 
 @dataclass(frozen=True)
@@ -67,6 +70,7 @@ class Timing:
     preprocess_us: int
     inference_us: int
     batch_size: int
+    lane: str = INTERACTIVE  # the lane that served it
 
 
 @dataclass(frozen=True)
@@ -89,6 +93,12 @@ class ModelDescription:
     intra_op_threads: int
     path: str
     sha256: str  # of the model file: which model this is, without revealing where it lives
+    priority_levels: int = 2
+    interactive_levels: int = 1
+    default_priority_level: int = 0
+    bulk_max_queue_size: int = 0
+    bulk_max_batch_size: int = 0
+    bulk_min_share: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -115,7 +125,13 @@ class Servable(Protocol):
     @property
     def name(self) -> str: ...
 
-    async def classify(self, images: Sequence[ImageInput], deadline: float | None = None) -> Classified: ...
+    async def classify(
+        self, images: Sequence[ImageInput], deadline: float | None = None, lane: str = INTERACTIVE, wait: bool = False
+    ) -> Classified: ...
+
+    def has_room(self, lane: str) -> bool: ...
+
+    async def room(self, lane: str) -> None: ...
 
 
 def describe(config: ModelConfig, model: Model) -> ModelDescription:
@@ -136,6 +152,34 @@ def describe(config: ModelConfig, model: Model) -> ModelDescription:
         intra_op_threads=config.intra_op_threads,
         path=config.path,
         sha256=model.sha256,
+        priority_levels=config.priority_levels,
+        interactive_levels=config.interactive_levels,
+        default_priority_level=config.default_priority_level,
+        bulk_max_queue_size=config.bulk_max_queue_size,
+        bulk_max_batch_size=config.bulk_max_batch_size,
+        bulk_min_share=config.bulk_min_share,
+    )
+
+
+def lane_of(d: ModelDescription, level: int, streaming: bool) -> str:
+    """The lane of a request asking for priority `level` (1 is the most urgent, LEAST_URGENT the
+    model's last level; 0: the default, the model's `default_priority_level` or, without one, by
+    RPC: unary calls are interactive, stream messages bulk). Refuses a level the model does not have."""
+    if level == LEAST_URGENT:
+        level = d.priority_levels
+    if not 0 <= level <= d.priority_levels:
+        raise InvalidInput(
+            f"priority level is {level}; model {d.name!r} has levels 1 to {d.priority_levels} (0: its default)"
+        )
+    if level == 0:
+        level = d.default_priority_level or (d.priority_levels if streaming else 1)
+    return INTERACTIVE if level <= d.interactive_levels else BULK
+
+
+def lanes_of(config: ModelConfig) -> tuple[Lane, ...]:
+    return (
+        Lane(INTERACTIVE, config.max_queue_size),
+        Lane(BULK, config.bulk_max_queue_size, config.bulk_max_batch_size, config.bulk_min_share),
     )
 
 
@@ -170,9 +214,9 @@ def prepare(
         raise InvalidInput(f"image {index}: {exc}") from None
 
 
-def scores_of(model: Model, items: list[np.ndarray]) -> list[ImageScores]:
+def scores_of(model: Model, items: list[np.ndarray], spare: bool = False) -> list[ImageScores]:
     """Worker thread: one onnxruntime run over prepared items."""
-    batch = model.infer(items)
+    batch = model.infer(items, spare)
     return [ImageScores(*row) for row in zip(batch.logits, batch.probabilities, batch.order)]
 
 
@@ -181,6 +225,7 @@ def run_whole(
     images: Sequence[ImageInput],
     limits: ImageLimits,
     deadline: float | None = None,
+    spare: bool = False,
     decode: str = "exact",
 ) -> tuple[list[ImageScores], float]:
     """Worker thread: preprocess and infer one request in a single trip, with no batcher.
@@ -190,37 +235,51 @@ def run_whole(
     prepared = time.perf_counter() - started
     if deadline is not None and time.monotonic() >= deadline:  # expired while preprocessing
         raise DeadlineExceeded("deadline passed before inference; not run")
-    return scores_of(model, items), prepared
+    return scores_of(model, items, spare), prepared
 
 
 class ServedModel:
-    """One model's serving pipeline. Create and use on the event loop."""
+    """One model's serving pipeline. Create and use on the event loop.
+
+    Each lane has its own threads: preprocessing (`preprocess_pools`, one executor per lane, shared
+    by all models) and inference (here), so an interactive image never queues behind bulk images
+    for a thread. Bulk threads run at an OS priority lowered by `nice` (as the model's regular
+    sessions do), so that the kernel runs interactive work first. `spare` sessions take only
+    interactive work (the model's spare session), beside bulk batches."""
 
     def __init__(
         self,
         config: ModelConfig,
         model: Model,
-        preprocess_pool: Executor,
+        preprocess_pools: Sequence[Executor],
         limits: ImageLimits,
         max_images_per_request: int,
-        on_batch: Callable[[int, float], None] | None = None,
+        on_batch: Callable[[Ran], None] | None = None,
+        spare: int = 1,
+        nice: int = 0,
     ):
         self.description = describe(config, model)
         self.model = model
         self.limits = limits
         self.decode = config.decode
         self.max_images_per_request = max_images_per_request
-        self._preprocess_pool = preprocess_pool
-        # one thread per session instance: the batcher never runs more batches than that
-        self._infer_pool = ThreadPoolExecutor(
-            config.instances, thread_name_prefix=f"infer-{config.name}", initializer=threads.name_current
-        )
+        self._preprocess_pools = preprocess_pools
+        # one thread per batch the batcher may run at once in that lane
+        self._infer_pools = [
+            ThreadPoolExecutor(
+                config.instances + (spare if lane == INTERACTIVE else 0),
+                thread_name_prefix=f"infer-{config.name}",
+                initializer=threads.pool_initializer(0 if lane == INTERACTIVE else nice),
+            )
+            for lane in LANES
+        ]
         self.batcher: Batcher[ImageInput, np.ndarray, ImageScores] = Batcher(
             Stages(self._prepare, self._run_batch, self._run_alone),
             max_batch_size=config.max_batch_size,
             max_queue_delay_s=config.max_queue_delay_ms / 1000,
             concurrency=config.instances,
-            max_queue_size=config.max_queue_size,
+            lanes=lanes_of(config),
+            spare=spare,
             name=config.name,
             on_batch=on_batch,
         )
@@ -232,33 +291,49 @@ class ServedModel:
     def start(self) -> None:
         self.batcher.start()
 
-    def queued(self) -> int:
-        """Images admitted and not yet in a batch: what `max_queue_size` bounds."""
-        return self.batcher.admitted
+    def queued(self, lane: str | None = None) -> int:
+        """Images admitted and not yet in a batch, in one lane or all: what the queue limits bound."""
+        if lane is None:
+            return self.batcher.admitted
+        return self.batcher.lanes[LANES.index(lane)].admitted
 
     async def close(self) -> None:
         await self.batcher.close()
-        self._infer_pool.shutdown(wait=True)
+        for pool in self._infer_pools:
+            pool.shutdown(wait=True)
 
-    async def classify(self, images: Sequence[ImageInput], deadline: float | None = None) -> Classified:
-        """Classify images; `deadline` is on the event loop's clock (time.monotonic)."""
+    def has_room(self, lane: str) -> bool:
+        """`lane` has room for another image, with no one waiting for room ahead."""
+        return self.batcher.lanes[LANES.index(lane)].has_room()
+
+    async def room(self, lane: str) -> None:
+        """Until `lane` has room for another image: a stream waits here before reading on."""
+        await self.batcher.room(LANES.index(lane))
+
+    async def classify(
+        self, images: Sequence[ImageInput], deadline: float | None = None, lane: str = INTERACTIVE, wait: bool = False
+    ) -> Classified:
+        """Classify images in `lane`; `deadline` is on the event loop's clock (time.monotonic).
+        wait: when the lane is full, wait for room (a stream's message) instead of refusing."""
         check_count(images, self.max_images_per_request)
-        answered = await self.batcher.submit(images, deadline)
+        answered = await self.batcher.submit(images, deadline, LANES.index(lane), wait)
         return Classified(self.name, answered.values, _timing(answered), self.model.labels)
 
-    async def _prepare(self, index: int, image: ImageInput, deadline: float | None) -> np.ndarray:
+    async def _prepare(self, index: int, image: ImageInput, deadline: float | None, lane: int) -> np.ndarray:
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(
-            self._preprocess_pool, prepare, index, image, self.limits, deadline, self.decode
-        )
+        pool = self._preprocess_pools[lane]
+        return await loop.run_in_executor(pool, prepare, index, image, self.limits, deadline, self.decode)
 
-    async def _run_batch(self, items: list[np.ndarray]) -> list[ImageScores]:
-        return await asyncio.get_running_loop().run_in_executor(self._infer_pool, scores_of, self.model, items)
+    async def _run_batch(self, items: list[np.ndarray], lane: int, spare: bool) -> list[ImageScores]:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._infer_pools[lane], scores_of, self.model, items, spare)
 
-    async def _run_alone(self, image: ImageInput, deadline: float | None) -> tuple[ImageScores, float]:
+    async def _run_alone(
+        self, image: ImageInput, deadline: float | None, lane: int, spare: bool
+    ) -> tuple[ImageScores, float]:
         loop = asyncio.get_running_loop()
         scores, prepared_s = await loop.run_in_executor(
-            self._infer_pool, run_whole, self.model, [image], self.limits, deadline, self.decode
+            self._infer_pools[lane], run_whole, self.model, [image], self.limits, deadline, spare, self.decode
         )
         return scores[0], prepared_s
 
@@ -269,6 +344,7 @@ def _timing(answered: Answered[ImageScores]) -> Timing:
         preprocess_us=int(answered.preprocess_s * 1e6),
         inference_us=int(answered.inference_s * 1e6),
         batch_size=answered.batch_size,
+        lane=answered.lane,
     )
 
 

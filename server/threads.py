@@ -12,15 +12,26 @@ name. Named threads show by role in `top -H`, `ps -L`, `/proc/<pid>/task/<tid>/c
   gRPC core names its own (`grpc_global_tim`, `event_engine`, `lifeguard`, ...).
 
 Linux only (prctl and /proc); elsewhere every call does nothing. The kernel keeps 15 bytes.
+
+Threads that do bulk work run at a lower OS priority (a higher nice value, `lower_priority`), so
+that the kernel runs interactive work first on the cores they share, in this process and in the
+other workers alike. A thread can lower its own priority but not raise it again: only threads
+made for bulk work are lowered, and native pools are created from a thread lowered for them
+(`run_at_lower_priority`), whose priority they inherit.
 """
 
 from __future__ import annotations
 
 import ctypes
+import os
 import sys
 import threading
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
+from typing import TypeVar
+
+V = TypeVar("V")
 
 _PR_SET_NAME = 15
 _PR_GET_NAME = 16
@@ -89,3 +100,33 @@ def name_grpc_poller() -> None:
     for thread in threading.enumerate():
         if "_poll_wrapper" in thread.name:
             name_thread(thread, "grpc-poller")
+
+
+def lower_priority(by: int) -> None:
+    """Raise the calling thread's nice value by `by` (0: leave it). Linux nice values are per
+    thread; a thread cannot lower its nice value again without privileges."""
+    if by > 0 and sys.platform.startswith("linux"):
+        try:
+            tid = threading.get_native_id()
+            os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + by))
+        except OSError:
+            pass
+
+
+def run_at_lower_priority(by: int, work: Callable[[], V]) -> V:
+    """`work()` in a thread of its own at a priority lowered by `by`: the threads it starts (an
+    onnxruntime session's pool) inherit that priority; the caller keeps its own."""
+    if by <= 0:
+        return work()
+    with ThreadPoolExecutor(1, initializer=lower_priority, initargs=(by,)) as one:
+        return one.submit(work).result()
+
+
+def pool_initializer(nice: int = 0) -> Callable[[], None]:
+    """A ThreadPoolExecutor `initializer`: the OS name of the thread, and its priority lowered by `nice`."""
+
+    def initialize() -> None:
+        name_current()
+        lower_priority(nice)
+
+    return initialize

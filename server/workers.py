@@ -23,10 +23,14 @@ The parent (this module, on its own event loop):
 from __future__ import annotations
 
 import asyncio
+import atexit
+import ctypes
 import dataclasses
+import fcntl
 import logging
 import multiprocessing as mp
 import os
+import shutil
 import signal
 import socket
 import sys
@@ -48,6 +52,7 @@ MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"  # prometheus-client's own switch to 
 BACKOFF_S = (1.0, 2.0, 4.0, 8.0, 16.0, 30.0)  # before the 1st, 2nd, ... restart in a row
 STABLE_S = 60.0  # a worker up this long starts its backoff from the beginning again
 EXIT_STARTUP_FAILED = 3  # a worker's exit code when its models cannot load: restarting would not help
+PR_SET_PDEATHSIG = 1  # prctl(2): the signal this process gets when its parent dies
 
 
 def auto_workers(cores: int | None = None) -> int:
@@ -71,7 +76,6 @@ class Supervisor:
     log_level: str = "INFO"
     _ctx: Any = field(default_factory=lambda: mp.get_context("spawn"))
     _slots: list[_Worker] = field(default_factory=list)
-    _stopping: bool = False
     _failure: str = ""
 
     async def run(self) -> int:
@@ -82,8 +86,9 @@ class Supervisor:
             loop.add_signal_handler(sig, self._on_signal, sig, stop)
         with tempfile.TemporaryDirectory(prefix="mobiserve-metrics-") as metrics_dir, _reserve(self.config) as port:
             os.environ[MULTIPROC_ENV] = metrics_dir  # before prometheus_client is imported, here and in workers
-            from prometheus_client import CollectorRegistry, Counter, multiprocess
+            from prometheus_client import CollectorRegistry, Counter
 
+            from mobiserve.server.metric_files import WorkerMetricFiles
             from mobiserve.server.metrics_http import MetricsServer
 
             restarts = Counter("mobiserve_worker_restarts", "Worker processes restarted after they died.")
@@ -91,9 +96,9 @@ class Supervisor:
             all_ready: Event = self._ctx.Event()
             ready: Any = self._ctx.Queue()
             metrics_server = None
-            if self.config.metrics_port:
-                registry = CollectorRegistry()
-                multiprocess.MultiProcessCollector(registry, path=metrics_dir)  # type: ignore[no-untyped-call]
+            registry = CollectorRegistry() if self.config.metrics_port else None
+            files = WorkerMetricFiles(metrics_dir, registry)
+            if registry is not None:
                 metrics_server = MetricsServer(registry)
                 metrics_port = await metrics_server.start(self.config.host, self.config.metrics_port)
             log.info(
@@ -108,7 +113,7 @@ class Supervisor:
                 self._start(slot, config, all_ready, ready)
             waiting = {"ready": set(range(self.workers)), "serving": set(range(self.workers))}
             while not stop.is_set():
-                await self._tick(config, all_ready, ready, waiting, restarts, multiprocess)
+                await self._tick(config, all_ready, ready, waiting, restarts, files)
                 if not waiting["ready"] and not all_ready.is_set():
                     all_ready.set()  # each worker turns SERVING now
                 if not waiting["serving"]:
@@ -138,7 +143,7 @@ class Supervisor:
         try:
             slot.process = self._ctx.Process(
                 target=_worker_main,
-                args=(config, slot.index, slot.cpus, all_ready, ready, self.log_level),
+                args=(config, slot.index, slot.cpus, all_ready, ready, self.log_level, os.getpid()),
                 name=f"mobiserve-worker-{slot.index}",
             )
             slot.process.start()
@@ -154,7 +159,7 @@ class Supervisor:
         ready: Any,
         waiting: dict[str, set[int]],
         restarts: Any,
-        multiprocess: Any,
+        files: Any,
     ) -> None:
         while not ready.empty():
             index, message = ready.get_nowait()
@@ -166,7 +171,7 @@ class Supervisor:
         for slot in self._slots:
             process = slot.process
             if process is not None and process.exitcode is not None:
-                multiprocess.mark_process_dead(process.pid)
+                await asyncio.get_running_loop().run_in_executor(None, files.process_dead, process.pid)
                 slot.process = None
                 if process.exitcode == EXIT_STARTUP_FAILED and not all_ready.is_set():
                     self._failure = self._failure or f"worker {slot.index} could not start"
@@ -187,7 +192,6 @@ class Supervisor:
 
     async def _drain(self) -> int:
         """Forward SIGTERM to every worker and wait for all of them; 0 if all exited 0."""
-        self._stopping = True
         alive = [s.process for s in self._slots if s.process is not None]
         for process in alive:
             if process.pid is not None and process.exitcode is None:
@@ -205,21 +209,58 @@ def _join(process: SpawnProcess) -> int | None:
 
 
 def _worker_main(
-    config: ServerConfig, index: int, cpus: tuple[int, ...], all_ready: Event, ready: Any, log_level: str
+    config: ServerConfig, index: int, cpus: tuple[int, ...], all_ready: Event, ready: Any, log_level: str, parent: int
 ) -> None:
     """A worker process: a whole server on the shared port; health SERVING once all are ready."""
+    _bind_to(parent, index)
     if cpus:
         os.sched_setaffinity(0, cpus)
     from mobiserve.server import app
     from mobiserve.server.errors import ModelLoadError
+    from mobiserve.server.handshake import Handshake
     from mobiserve.server.logs import configure
 
     configure(log_level, worker=index)
     try:
-        asyncio.run(app.run(config, worker=app.Worker(index, all_ready, ready)))
+        asyncio.run(app.run(config, Handshake(index, all_ready, ready)))
     except ModelLoadError as exc:
         ready.put((index, str(exc)))
         sys.exit(EXIT_STARTUP_FAILED)
+
+
+def _bind_to(parent: int, index: int) -> None:
+    """Make this worker end with its supervisor, however that ends (a SIGKILL leaves it no time to
+    stop its workers, which would keep serving and keep the port): SIGTERM when it dies, and the
+    worker drains (Linux's PR_SET_PDEATHSIG). The last worker out then removes the metric files'
+    folder: a shared lock on it, held while the worker lives, says who is still there."""
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # until the server's own handler: exit cleanly
+    if sys.platform.startswith("linux"):
+        # It comes when the *thread* that started this process ends: the supervisor starts its
+        # workers on its main thread (its event loop), which ends only with the process.
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) != 0:
+            raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
+    folder = os.open(os.environ[MULTIPROC_ENV], os.O_RDONLY | os.O_DIRECTORY)
+    fcntl.flock(folder, fcntl.LOCK_SH)
+    atexit.register(_leave, folder, parent, index)
+    if os.getppid() != parent:
+        sys.exit(0)  # it died before this worker asked to hear of it
+
+
+def _leave(folder: int, parent: int, index: int) -> None:
+    """At a worker's exit: if its supervisor is gone and no other worker holds the folder's lock,
+    remove the folder, as the supervisor would have."""
+    try:
+        if os.getppid() == parent:
+            return  # the supervisor removes it when it exits
+        try:
+            fcntl.flock(folder, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return  # another worker is still there, and will
+        shutil.rmtree(os.environ[MULTIPROC_ENV], ignore_errors=True)
+        log.warning("event=supervisor_gone worker=%d removed=%s", index, os.environ[MULTIPROC_ENV])
+    finally:
+        os.close(folder)
 
 
 class _reserve:

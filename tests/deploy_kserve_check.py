@@ -51,7 +51,8 @@ def load_kserve_models() -> types.ModuleType:
     sys.modules["kserve"] = package
     import kserve.models
 
-    return kserve.models
+    models: types.ModuleType = kserve.models
+    return models
 
 
 class K8sSchemas:
@@ -97,7 +98,7 @@ class Checker:
         key = (doc.get("apiVersion"), doc.get("kind"))
         if key not in KINDS:
             return [f"not a KServe resource this checker knows: apiVersion={key[0]} kind={key[1]}"]
-        return self.value(doc, KINDS[key], doc["kind"])  # type: ignore[index]
+        return self.value(doc, KINDS[key], doc["kind"])
 
     def value(self, value: Any, type_name: str, where: str) -> list[str]:
         if m := re.fullmatch(r"list\[(.+)\]", type_name):

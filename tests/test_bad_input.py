@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import struct
-import zlib
 from pathlib import Path
 
 import grpc
@@ -15,20 +13,9 @@ from PIL import Image
 from mobiserve.v1 import classifier_pb2 as pb
 from mobiserve.v1 import classifier_pb2_grpc as pb_grpc
 
-from helpers import encode, request_of
+from helpers import encode, png_bomb, request_of
 
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
-
-
-def png_bomb(side: int = 30000) -> bytes:
-    """A PNG whose header claims side x side pixels, with only a few rows of data behind it."""
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-    rows = zlib.compress(b"\0" * (side * 3 + 1) * 4)
-    header = struct.pack(">IIBBBBB", side, side, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", rows) + chunk(b"IEND", b"")
 
 
 def tensor(shape: list[int], dtype: str, nbytes: int) -> pb.ClassifyRequest:
@@ -83,7 +70,7 @@ async def test_bad_items_never_hurt_their_batch_mates(stub: pb_grpc.ClassifierSt
         return grpc.StatusCode.OK
 
     async def fine(b: bytes) -> int:
-        return (await stub.Classify(request_of(b), timeout=30)).results[0].classes[0].index
+        return int((await stub.Classify(request_of(b), timeout=30)).results[0].classes[0].index)
 
     results = await asyncio.gather(*(fine(b) for b in good), *(bad(i) for i in range(40)))
     assert results[:40] == expected

@@ -7,8 +7,10 @@ from typing import Any
 
 import pytest
 
-from mobiserve.server.batching import Batcher, Stages
+from mobiserve.server.batching import Batcher, Lane, Stages
 from mobiserve.server.errors import DeadlineExceeded, InferenceFailed, InvalidInput, Overloaded
+
+from helpers import poll_until
 
 
 class FakeModel:
@@ -20,7 +22,7 @@ class FakeModel:
         self.started = asyncio.Event()
         self.fail_on = fail_on
 
-    async def __call__(self, items: list[int]) -> list[int]:
+    async def __call__(self, items: list[int], lane: int = 0, spare: bool = False) -> list[int]:
         self.batches.append(list(items))
         self.started.set()
         await self.release.wait()
@@ -29,18 +31,20 @@ class FakeModel:
         return [i * 10 for i in items]
 
 
-async def same(index: int, item: int, deadline: float | None) -> int:
+async def same(index: int, item: int, deadline: float | None, lane: int) -> int:
     return item
 
 
 def batcher(model: FakeModel, alone: FakeModel | None = None, **knobs: Any) -> Batcher[int, int, int]:
     """A started batcher over the fake model; `alone` also gives it an idle fast path."""
 
-    async def run_alone(item: int, deadline: float | None) -> tuple[int, float]:
+    async def run_alone(item: int, deadline: float | None, lane: int, spare: bool) -> tuple[int, float]:
         assert alone is not None
         (value,) = await alone([item])
         return value, 0.0
 
+    if "max_queue_size" in knobs:
+        knobs["lanes"] = (Lane("default", knobs.pop("max_queue_size")),)
     b = Batcher(Stages(same, model, run_alone if alone else None), **knobs)
     b.start()
     return b
@@ -48,12 +52,6 @@ def batcher(model: FakeModel, alone: FakeModel | None = None, **knobs: Any) -> B
 
 async def submit(b: Batcher[int, int, int], *items: int, deadline: float | None = None) -> list[int]:
     return (await b.submit(items, deadline)).values
-
-
-async def settle() -> None:
-    """Let every ready callback run (no wall-clock sleeping)."""
-    for _ in range(5):
-        await asyncio.sleep(0)
 
 
 @pytest.fixture
@@ -74,7 +72,7 @@ async def test_queued_requests_form_one_batch_when_the_session_frees(model: Fake
     first = asyncio.create_task(submit(b, 0))
     await model.started.wait()  # the only session is busy with [0]
     rest = [asyncio.create_task(submit(b, i, i + 100)) for i in range(1, 4)]
-    await settle()
+    await poll_until(lambda: b.waiting == 6, timeout_s=10)
     model.release.set()
     assert await first == [0]
     assert await asyncio.gather(*rest) == [[10, 1010], [20, 1020], [30, 1030]]
@@ -105,10 +103,9 @@ async def test_cancelled_caller_leaves_the_queue_before_inference(model: FakeMod
     await model.started.wait()
     gone = asyncio.create_task(submit(b, 1))
     kept = asyncio.create_task(submit(b, 2))
-    await settle()
+    await poll_until(lambda: b.waiting == 2, timeout_s=10)
     gone.cancel()
-    await settle()
-    assert b.admitted == 1  # capacity returned at once
+    await poll_until(lambda: b.admitted == 1, timeout_s=10)  # capacity returned before any batch ran
     model.release.set()
     assert await kept == [20]
     await first
@@ -122,7 +119,7 @@ async def test_expired_deadline_is_dropped_before_inference(model: FakeModel) ->
     await model.started.wait()
     loop = asyncio.get_running_loop()
     expired = asyncio.create_task(submit(b, 1, deadline=loop.time()))
-    await settle()
+    await poll_until(lambda: b.waiting == 1, timeout_s=10)
     model.release.set()
     with pytest.raises(DeadlineExceeded):
         await expired
@@ -136,11 +133,10 @@ async def test_full_queue_refuses_at_once_and_recovers(model: FakeModel) -> None
     held = [asyncio.create_task(submit(b, 0))]
     await model.started.wait()  # 0 runs; 1, 2, 3 fill the queue
     held += [asyncio.create_task(submit(b, i)) for i in range(1, 4)]
-    await settle()
-    assert b.admitted == 3
+    await poll_until(lambda: b.admitted == 3, timeout_s=10)
     with pytest.raises(Overloaded, match="overloaded"):
         await submit(b, 4)
-    with pytest.raises(InvalidInput, match="more than the queue limit"):
+    with pytest.raises(InvalidInput, match="more than the default queue limit of 3"):
         await submit(b, 5, 6, 7, 8)
     model.release.set()
     await asyncio.gather(*held)
@@ -162,8 +158,8 @@ async def test_close_runs_everything_already_queued(model: FakeModel) -> None:
     b = batcher(model, max_batch_size=2)
     tasks = [asyncio.create_task(submit(b, i)) for i in range(5)]
     await model.started.wait()
+    await poll_until(lambda: b.waiting == 3, timeout_s=10)  # [0, 1] runs, 2, 3 and 4 are queued
     closing = asyncio.create_task(b.close())
-    await settle()
     model.release.set()
     await closing
     assert [await t for t in tasks] == [[i * 10] for i in range(5)]
@@ -175,7 +171,7 @@ async def test_an_idle_model_runs_a_lone_input_alone_and_queued_work_waits_for_i
     lone = asyncio.create_task(submit(b, 4))
     await alone.started.wait()  # idle: the lone input took the fast path and holds the only slot
     waiting = asyncio.create_task(submit(b, 5))
-    await settle()
+    await poll_until(lambda: b.waiting == 1, timeout_s=10)
     assert model.batches == []  # queued behind it, not run beside it
     alone.release.set()
     model.release.set()
@@ -192,7 +188,7 @@ async def test_no_fast_path_for_several_inputs_or_without_a_free_slot(model: Fak
     lone = asyncio.create_task(submit(b, 2))  # one slot busy, one free, nothing queued: alone
     await alone.started.wait()
     queued = asyncio.create_task(submit(b, 3))  # no slot free: it queues
-    await settle()
+    await poll_until(lambda: b.waiting == 1, timeout_s=10)
     assert (model.batches, alone.batches) == ([[0, 1]], [[2]])
     alone.release.set()
     model.release.set()

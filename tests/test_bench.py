@@ -124,6 +124,51 @@ async def test_closed_loop_sweep_with_baseline_writes_consistent_reports(
     assert "mobiserve" in out and "ratios" in out
 
 
+async def test_mixed_traffic_reports_both_sides_of_each_phase_and_the_lanes_that_served_them(
+    naming_server: App, few_images: Path, tmp_path: Path
+) -> None:
+    code, out, err = await bench(
+        "--mixed",
+        "--target",
+        f"127.0.0.1:{naming_server.port}",
+        "--streams",
+        "2",
+        "--window",
+        "2",
+        "--stream-batch",
+        "2",
+        "--duration",
+        "1",
+        "--warmup",
+        "0.2",
+        "--images",
+        str(few_images),
+        "--output",
+        str(tmp_path),
+    )
+    assert code == 0, err
+    report = json.loads((tmp_path / "mixed.json").read_text())
+    phases = {p["name"]: p for p in report["phases"]}
+    assert list(phases) == ["unary alone", "bulk alone", "together", "together, one lane (control)"]
+    assert phases["unary alone"]["bulk"] is None and phases["bulk alone"]["unary"] is None
+    for phase in report["phases"]:
+        for side, lanes in (("unary", {"interactive"}), ("bulk", {"bulk"})):
+            step = phase[side]
+            if step is None:
+                continue
+            assert step["ok"] > 0 and step["errors"] == {}
+            # the control marks the streams' messages interactive: everything in one lane
+            control = phase["name"].endswith("(control)") and side == "bulk"
+            assert set(step["lanes"]) == ({"interactive"} if control else lanes), phase["name"]
+    assert phases["bulk alone"]["bulk"]["batch"] == 2 and phases["bulk alone"]["bulk"]["processes"] == 2
+    assert [r["name"] for r in report["ratios"]][:3] == [
+        "unary p50 together - alone (ms)",
+        "unary p99 together - alone (ms)",
+        "bulk img/s together / alone",
+    ]
+    assert "together, one lane (control)" in out and "against the targets" in out
+
+
 async def test_open_loop_stream_of_tensors_is_bounded_and_compares_with_unbatched(
     naming_server: App, few_images: Path, tmp_path: Path
 ) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import grpc
@@ -29,7 +30,7 @@ async def test_unary_single_image(stub: pb_grpc.ClassifierStub, jpeg: bytes, ser
     assert len(classes) == 5  # top_k 0 means 5
     scores = [c.score for c in classes]
     assert scores == sorted(scores, reverse=True) and 0 < sum(scores) <= 1.0001
-    labels = server.servicer.registry.get("").model.labels  # type: ignore[union-attr]
+    labels = server.served[0].model.labels
     assert all(c.wnid == labels.wnids[c.index] and c.name == labels.names[c.index] for c in classes)
     assert r.timing.batch_size >= 1 and r.timing.preprocess_us > 0 and r.timing.inference_us > 0
 
@@ -70,7 +71,7 @@ async def test_stream_answers_every_request_once_with_many_in_flight(
 ) -> None:
     n = 120
 
-    async def requests():  # type: ignore[no-untyped-def]
+    async def requests() -> AsyncIterator[pb.ClassifyRequest]:
         for i in range(n):
             data = b"not an image" if i == 17 else sample_images[i].read_bytes()
             yield request_of(data, request_id=f"r{i}")
@@ -102,7 +103,8 @@ async def test_64_concurrent_clients_are_all_answered_in_batches(server: App, sa
 
     async def client(data: bytes) -> pb.ClassifyResponse:
         async with grpc.aio.insecure_channel(target) as ch:  # one connection per client
-            return await pb_grpc.ClassifierStub(ch).Classify(request_of(data), timeout=60)
+            response: pb.ClassifyResponse = await pb_grpc.ClassifierStub(ch).Classify(request_of(data), timeout=60)
+            return response
 
     responses = await asyncio.gather(*(client(b) for b in images))
     assert len(responses) == 64 and all(len(r.results[0].classes) == 5 for r in responses)

@@ -15,13 +15,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
-from test_bad_input import png_bomb
 
 from mobiserve.client import (
     AsyncClient,
     Classification,
     Client,
     DeadlineExceeded,
+    ImageLike,
     InvalidArgument,
     InvalidImage,
     MobiserveError,
@@ -30,8 +30,9 @@ from mobiserve.client import (
     RetryPolicy,
 )
 from mobiserve.server.app import App
+from mobiserve.server.errors import Overloaded as ServerOverloaded
 
-from helpers import card_pipeline, encode, tcp_connections
+from helpers import FakeModel, card_pipeline, encode, png_bomb, requests_counted, start_fake_server, tcp_connections
 
 
 def target_of(server: App) -> str:
@@ -47,7 +48,7 @@ async def test_every_input_type_gets_the_same_answer_from_both_clients(server: A
     data = path.read_bytes()
     picture = Image.open(path)
     grey = picture.convert("L")
-    same_pixels = {
+    same_pixels: dict[str, ImageLike] = {
         "str path": str(path),
         "Path": path,
         "bytes": data,
@@ -194,35 +195,31 @@ async def test_a_tiny_deadline_on_a_large_batch_expires(server: App, sample_imag
         assert len((await asyncio.to_thread(client.classify, jpeg)).classes) == 5
 
 
-def requests_counted(server: App, code: str) -> float:
-    """The server's own count of Classify calls answered with `code`."""
-    labels = {"model": "int8", "method": "Classify", "code": code}
-    return server.metrics.registry.get_sample_value("mobiserve_requests_total", labels) or 0.0
-
-
-async def test_a_full_queue_is_overloaded_after_grpc_retried_it(server: App, jpeg: bytes) -> None:
-    batcher = server.servicer.registry.get("int8").batcher  # type: ignore[union-attr]
-    before = requests_counted(server, "RESOURCE_EXHAUSTED")
+async def test_a_full_queue_is_overloaded_after_grpc_retried_it(jpeg: bytes) -> None:
+    model = FakeModel()
+    app = await start_fake_server(model)
     retry = RetryPolicy(max_attempts=3, initial_backoff_s=0.01, max_backoff_s=0.05)
-    full = batcher.max_queue_size - batcher.admitted
-    batcher.admitted += full  # the queue is full (as if that many images waited) until the block ends
+    model.fails_with = lambda: ServerOverloaded(
+        "model 'fake' is overloaded: 1024 images queued, limit 1024; retry later"
+    )
     try:
-        async with AsyncClient(target_of(server), retry=None) as client:
+        async with AsyncClient(target_of(app), retry=None) as client:
             with pytest.raises(Overloaded, match="overloaded"):
                 await client.classify(jpeg)
             with pytest.raises(Overloaded) as raised:
                 async for _ in client.classify_many([jpeg]):
                     pass
             assert raised.value.input_index == 0
-        assert requests_counted(server, "RESOURCE_EXHAUSTED") == before + 1  # stream requests count as ClassifyStream
-        async with AsyncClient(target_of(server), retry=retry) as client:
+        assert requests_counted(app, "RESOURCE_EXHAUSTED", model="fake") == 1  # stream requests count as ClassifyStream
+        async with AsyncClient(target_of(app), retry=retry) as client:
             with pytest.raises(Overloaded):
                 await client.classify(jpeg)
-        assert requests_counted(server, "RESOURCE_EXHAUSTED") == before + 1 + retry.max_attempts
+        assert requests_counted(app, "RESOURCE_EXHAUSTED", model="fake") == 1 + retry.max_attempts
+        model.fails_with = None  # room again
+        async with AsyncClient(target_of(app), retry=retry) as client:
+            assert len((await client.classify(jpeg)).classes) == 5
     finally:
-        batcher.admitted -= full
-    async with AsyncClient(target_of(server), retry=retry) as client:
-        assert len((await client.classify(jpeg)).classes) == 5
+        await app.stop(grace_s=5)
 
 
 def test_a_request_over_the_message_limit_is_refused_before_sending(jpeg: bytes) -> None:
@@ -245,3 +242,16 @@ async def test_connections_opens_that_many_connections_and_spreads_calls(server:
     assert len({a.top.index for a in answers}) == 1
     with pytest.raises(ValueError, match="connections"):
         Client(target_of(server), connections=0)
+
+
+async def test_an_async_client_opens_in_its_first_calls_loop_and_refuses_another(server: App) -> None:
+    """Made with no event loop running (at import time, as web backends make their clients), it
+    works in the loop of its first call; a call from another loop is refused in words."""
+    client = await asyncio.to_thread(AsyncClient, f"127.0.0.1:{server.port}")
+    try:
+        assert await client.health() == "SERVING"
+        with pytest.raises(RuntimeError, match="belong to the event loop of its first call.*lifespan"):
+            await asyncio.to_thread(asyncio.run, client.health())
+        assert [m.name for m in await client.list_models()] == ["int8"]
+    finally:
+        await client.close()

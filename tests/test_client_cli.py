@@ -8,14 +8,15 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import socket
 from pathlib import Path
 
 import pytest
 
-from mobiserve.client import AsyncClient
+from mobiserve.client import AsyncClient, RetryPolicy
 from mobiserve.server.app import App
 
-from helpers import MOBISERVE, SYNSETS, free_port
+from helpers import MOBISERVE, SYNSETS, cli, free_port
 
 
 async def run(*args: str, env: dict[str, str] | None = None) -> tuple[int, str, str]:
@@ -73,7 +74,6 @@ FAILURES: dict[str, tuple[list[str], str]] = {
         "{tmp}/notes.jpg: image 0: not a decodable image",
     ),
     "unknown model": (["classify", "{tmp}/notes.jpg", "--target", "{target}", "--model", "nope"], "NOT_FOUND"),
-    "bad top-k": (["classify", "{tmp}/notes.jpg", "--target", "{target}", "--top-k", "0"], "top_k"),
     "unreachable server": (["classify", "{tmp}/notes.jpg", "--target", "{nobody}"], "server {nobody} is unavailable"),
     "validate a missing folder": (["validate", "{tmp}/nowhere", "--target", "{target}"], "not a folder"),
     "validate an empty folder": (["validate", "{tmp}/empty", "--target", "{target}"], "no labelled images"),
@@ -141,3 +141,60 @@ async def test_models_lists_the_server_and_honours_mobiserve_target(server: App)
     code, out, err = await run("models", "--target", target_of(server), "--json")
     assert code == 0, err
     assert [(m["name"], m["is_default"], m["num_classes"]) for m in json.loads(out)] == [("int8", True, 1000)]
+
+
+@pytest.mark.parametrize(
+    ("args", "words"),
+    [
+        (["classify", "{image}", "--top-k", "0"], "argument --top-k: must be at least 1, got 0"),
+        (["classify", "{image}", "--target", "127.0.0.1:99999"], "port 99999 is not 1 to 65535"),
+        (["health", "--target", "localhost:65536"], "port 65536 is not 1 to 65535"),
+        (["validate", "{folder}", "--max-in-flight", "0"], "argument --max-in-flight: must be at least 1"),
+        (["health", "--timeout", "0"], "argument --timeout: must be positive"),
+        (["models", "--tls-cert", "{image}"], "--tls-cert and --tls-key go together"),
+    ],
+    ids=lambda v: " ".join(v) if isinstance(v, list) else None,
+)
+def test_usage_errors_exit_2_before_any_network(
+    capsys: pytest.CaptureFixture[str], sample_images: list[Path], args: list[str], words: str
+) -> None:
+    with socket.socket() as listener:  # the target: a port that counts connection attempts
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        listener.setblocking(False)
+        target = f"127.0.0.1:{listener.getsockname()[1]}"
+        fill = {"image": str(sample_images[0]), "folder": str(sample_images[0].parent)}
+        line = [a.format(**fill) for a in args]
+        code, out, err = cli(capsys, *line, *(["--target", target] if "--target" not in line else []))
+        with pytest.raises(BlockingIOError):
+            listener.accept()  # nobody connected
+    assert (code, out) == (2, ""), err
+    assert words in err.splitlines()[-1] and "Traceback" not in err, err
+
+
+def test_a_retry_policy_gRPC_would_clamp_is_refused_in_words() -> None:
+    for attempts in (1, 6, 9):
+        with pytest.raises(ValueError, match=f"max_attempts={attempts}\\): gRPC makes 2 to 5 attempts"):
+            RetryPolicy(max_attempts=attempts)
+    with pytest.raises(ValueError, match="initial_backoff_s=0"):
+        RetryPolicy(initial_backoff_s=0)
+    assert RetryPolicy(max_attempts=2).max_attempts == 2
+
+
+async def test_validate_skips_and_counts_files_without_a_wnid_label(
+    server: App, sample_images: list[Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Folders and files named otherwise are not scored as wrong answers: they are skipped and said so."""
+    for path in sample_images[:2]:
+        (tmp_path / path.name).symlink_to(path)
+    for folder in ("bench1", "bench2"):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "a.jpg").symlink_to(sample_images[3])
+    (tmp_path / "ok_big.png").symlink_to(sample_images[4])
+    code, out, err = await asyncio.to_thread(
+        cli, capsys, "validate", str(tmp_path), "--target", target_of(server), "--json"
+    )
+    assert code == 0, err
+    report = json.loads(out)
+    assert (report["count"], report["skipped"]) == (2, 3)
+    assert "skipped 3 image file(s) without a <wnid>_ prefix or <wnid>/ folder" in err

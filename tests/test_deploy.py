@@ -198,7 +198,8 @@ def serve_flags(args: list[str]) -> dict[str, str]:
 
 
 def known_serve_flags() -> set[str]:
-    serve = build_parser()._subparsers._group_actions[0].choices["serve"]  # type: ignore[union-attr]
+    parser: Any = build_parser()  # argparse keeps its subcommands' parsers private
+    serve = parser._subparsers._group_actions[0].choices["serve"]
     return {s for action in serve._actions for s in action.option_strings}
 
 

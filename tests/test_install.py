@@ -41,10 +41,20 @@ def sh(*cmd: str | Path, timeout: float = 300) -> subprocess.CompletedProcess[st
 
 @pytest.fixture(scope="module")
 def thin(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A fresh venv holding the project's wheel installed without extras; returns its bin/."""
+    """A fresh venv holding the project's wheel (`make dist`, as README says) installed without
+    extras; returns its bin/."""
     tmp = tmp_path_factory.mktemp("thin")
-    sh(sys.executable, "-m", "pip", "wheel", "--no-deps", "--quiet", "-w", tmp / "dist", ROOT)
+    built = sh(
+        "make",
+        "--no-print-directory",
+        "-C",
+        ROOT,
+        "dist",
+        f"DIST={tmp / 'dist'}",
+        f"VENV={Path(sys.executable).parents[1]}",
+    )
     (wheel,) = (tmp / "dist").glob("mobiserve-*.whl")
+    assert built.stdout.strip().endswith(str(wheel)), built.stdout
     sh(sys.executable, "-m", "venv", tmp / "venv")
     bin_ = tmp / "venv" / "bin"
     sh(bin_ / "python", "-m", "pip", "install", "--quiet", "--disable-pip-version-check", wheel)

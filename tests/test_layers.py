@@ -9,6 +9,7 @@ from __future__ import annotations
 import shutil
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -21,6 +22,7 @@ CONTRACTS = (
     "the thin client and the shared vocabulary need none of the server's packages",
     "the transport knows models by their description, not the runtime or the batcher",
     "server layers: each imports only those below it",
+    "the harness uses the server's parts as they are shipped",
 )
 
 
@@ -55,6 +57,10 @@ def test_every_layer_contract_is_checked_and_kept() -> None:
         ("client/_base.py", "import onnxruntime", "need none of the server's packages"),
         ("server/transport/convert.py", "import mobiserve.server.runtime.model", "the transport knows models"),
         ("server/processing/normalize.py", "import mobiserve.server.serving", "server layers"),
+        ("server/config.py", "import mobiserve.server.serving", "server layers"),
+        ("server/errors.py", "import mobiserve.server.metrics", "server layers"),
+        ("bench/unbatched.py", "import mobiserve.server.batching", "the harness uses the server's parts"),
+        ("bench/cpu.py", "import mobiserve.server.transport.drain", "the harness uses the server's parts"),
     ],
 )
 def test_an_import_across_a_layer_fails_the_gate(tmp_path: Path, module: str, line: str, broken: str) -> None:
@@ -64,3 +70,14 @@ def test_an_import_across_a_layer_fails_the_gate(tmp_path: Path, module: str, li
     done = check_imports(project)
     assert done.returncode != 0
     assert broken in " ".join(done.stdout.split()).split("Broken contracts")[-1]
+
+
+def test_every_server_module_has_a_layer() -> None:
+    """A new module or package of the server is placed in the layers, or nothing checks its imports."""
+    contracts = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["importlinter"]["contracts"]
+    (layers,) = [c["layers"] for c in contracts if c["type"] == "layers" and c["name"].startswith("server layers")]
+    placed = {name.strip() for layer in layers for name in layer.split("|")}
+    server = ROOT / "server"
+    parts = {p.stem for p in server.glob("*.py") if p.stem != "__init__"}
+    parts |= {p.name for p in server.iterdir() if (p / "__init__.py").exists()}
+    assert {f"mobiserve.server.{part}" for part in parts} == placed

@@ -107,6 +107,11 @@ async def test_metrics_add_up_to_a_known_load(
     assert value(samples, "mobiserve_inference_duration_seconds_count", model="int8") == batches
     assert 1 <= batches <= images
     assert value(samples, "mobiserve_queue_depth_images", model="int8") == 0
+    lanes = {"interactive": 15 + 4, "bulk": 6}  # unary calls are interactive, stream messages bulk
+    for lane, count in lanes.items():
+        assert value(samples, "mobiserve_lane_images_total", model="int8", lane=lane) == count
+        assert value(samples, "mobiserve_lane_queue_duration_seconds_count", model="int8", lane=lane) == count
+        assert value(samples, "mobiserve_lane_queue_depth_images", model="int8", lane=lane) == 0
     assert value(samples, "mobiserve_model_ready", model="int8") == 1
     assert app.metrics.registry.get_sample_value("mobiserve_model_ready", {"model": "int8"}) == 0  # after stop
     # bad input and unknown models are the client's mistakes: no log line for any request at INFO

@@ -24,6 +24,7 @@ import tritonclient.grpc as triton
 import tritonclient.grpc.aio as triton_aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from PIL import Image
 from tritonclient.grpc import service_pb2 as tpb
 from tritonclient.grpc import service_pb2_grpc as tpb_grpc
 from tritonclient.utils import InferenceServerException
@@ -34,7 +35,8 @@ from mobiserve.v1 import classifier_pb2_grpc as pb_grpc
 
 from helpers import SYNSETS, ServerProcess, card_pipeline, free_port, require, serve
 
-MODEL = "int8"
+MODEL = "int8"  # the network: its own FP32 input
+IMAGES = "int8_image"  # its image face: encoded image files
 SERVICE = "inference.GRPCInferenceService"
 QUEUE_LIMIT = 16  # images: the overload test fills it
 FAST_SAMPLE = 24  # images compared with Classify in the fast path; the slow test takes all
@@ -146,24 +148,120 @@ def test_live_ready_and_server_metadata(client: triton.InferenceServerClient) ->
     assert {"classification", "model_configuration", "statistics"} <= set(meta.extensions)
 
 
-def test_model_metadata(client: triton.InferenceServerClient) -> None:
-    meta = client.get_model_metadata(MODEL)
-    assert meta.name == MODEL and list(meta.versions) == ["1"]
-    inputs = {t.name: (t.datatype, list(t.shape)) for t in meta.inputs}
-    assert inputs == {"input": ("FP32", [-1, 3, 224, 224]), "encoded_image": ("BYTES", [-1, 1])}
-    assert [(t.name, t.datatype, list(t.shape)) for t in meta.outputs] == [("output", "FP32", [-1, 1000])]
+def test_each_model_is_a_network_and_its_image_face(client: triton.InferenceServerClient) -> None:
+    """The network under its own name with its one tensor input, as Triton serves a network; the
+    JPEG path under NAME_image, listed beside it and described the same way."""
+    index = client.get_model_repository_index()
+    assert [(m.name, m.version, m.state) for m in index.models] == [(MODEL, "1", "READY"), (IMAGES, "1", "READY")]
+    for name, (tensor, datatype, shape) in {
+        MODEL: ("input", "FP32", [-1, 3, 224, 224]),
+        IMAGES: ("encoded_image", "BYTES", [-1, 1]),
+    }.items():
+        assert client.is_model_ready(name)
+        meta = client.get_model_metadata(name)
+        assert meta.name == name and list(meta.versions) == ["1"]
+        assert [(t.name, t.datatype, list(t.shape)) for t in meta.inputs] == [(tensor, datatype, shape)]
+        assert [(t.name, t.datatype, list(t.shape)) for t in meta.outputs] == [("output", "FP32", [-1, 1000])]
+
+
+def triton_parse_model(
+    meta: tpb.ModelMetadataResponse, config: tpb.model__config__pb2.ModelConfig
+) -> tuple[int, str, str, int, int, int, int, str]:
+    """The checks Triton's image_client.py and grpc_image_client.py make in `parse_model` before
+    they send anything, written again here: one input of 3 dimensions (plus batch), FORMAT_NCHW or
+    FORMAT_NHWC, one FP32 output that is a vector. Returns what they take from the model."""
+    assert len(meta.inputs) == 1, f"expecting 1 input, got {len(meta.inputs)}"
+    assert len(meta.outputs) == 1, f"expecting 1 output, got {len(meta.outputs)}"
+    assert len(config.input) == 1, f"expecting 1 input in model configuration, got {len(config.input)}"
+    image, output, image_config = meta.inputs[0], meta.outputs[0], config.input[0]
+    assert output.datatype == "FP32", output.datatype
+    batched = config.max_batch_size > 0
+    assert sum(1 for dim in list(output.shape)[int(batched) :] if dim > 1) <= 1, "expecting the output to be a vector"
+    assert len(image.shape) == 3 + int(batched), list(image.shape)
+    formats = tpb.model__config__pb2.ModelInput
+    assert image_config.format in (formats.FORMAT_NCHW, formats.FORMAT_NHWC), image_config.format
+    dims = list(image.shape)[int(batched) :]
+    c, h, w = dims if image_config.format == formats.FORMAT_NCHW else (dims[2], dims[0], dims[1])
+    return config.max_batch_size, image.name, output.name, c, h, w, image_config.format, image.datatype
+
+
+def inception_scaled(path: Path, c: int, h: int, w: int) -> np.ndarray:
+    """image_client.py's preprocessing with `-s INCEPTION`: RGB, resized to w x h, to [-1, 1], CHW."""
+    pixels = np.asarray(Image.open(path).convert("RGB").resize((w, h), Image.Resampling.BILINEAR), np.float32)
+    assert c == 3
+    return (pixels / 127.5 - 1).transpose(2, 0, 1)
+
+
+def test_triton_image_clients_find_the_network_and_its_image_face(
+    client: triton.InferenceServerClient,
+    classifier: pb_grpc.ClassifierStub,
+    oip_server: ServerProcess,
+    sample_images: list[Path],
+) -> None:
+    """The calls Triton's image_client.py makes (`-m int8`, sync, `-a` and `--streaming`) and
+    ensemble_image_client.py makes (`-m int8_image`), with their checks: each prints PASS here."""
+    meta, config = client.get_model_metadata(MODEL), client.get_model_config(MODEL).config
+    max_batch, input_name, output_name, c, h, w, _, datatype = triton_parse_model(meta, config)
+    assert (max_batch, input_name, output_name, (c, h, w), datatype) == (32, "input", "output", (3, 224, 224), "FP32")
+    images = sample_images[:4]
+    batch = np.stack([inception_scaled(p, c, h, w) for p in images])
+    logits = client.infer(MODEL, [tensor_input(input_name, batch, datatype)]).as_numpy(output_name)
+    assert logits is not None
+
+    answers: queue.Queue[tuple[triton.InferResult | None, InferenceServerException | None]] = queue.Queue()
+    inputs, outputs = (
+        [tensor_input(input_name, batch, datatype)],
+        [triton.InferRequestedOutput(output_name, class_count=2)],
+    )
+    results = [client.infer(MODEL, inputs, request_id="1", outputs=outputs)]
+    client.async_infer(
+        MODEL, inputs, lambda result, error: answers.put((result, error)), request_id="2", outputs=outputs
+    )
+    with triton.InferenceServerClient(url=oip_server.target) as streaming:
+        streaming.start_stream(callback=lambda result, error: answers.put((result, error)))
+        streaming.async_stream_infer(MODEL, inputs, request_id="3", outputs=outputs)
+        for _ in range(2):
+            result, error = answers.get(timeout=60)
+            assert error is None and result is not None, error
+            results.append(result)
+        streaming.stop_stream()
+    assert sorted(r.get_response().id for r in results) == ["1", "2", "3"]
+    for result in results:
+        classes = parse_classes(result, output_name)
+        assert len(classes) == len(images) and all(len(row) == 2 for row in classes)
+        assert [row[0][1] for row in classes] == [int(np.argmax(row)) for row in logits]
+
+    # ensemble_image_client.py: one input (the file's bytes, [batch, 1]), every output asked for
+    meta, config = client.get_model_metadata(IMAGES), client.get_model_config(IMAGES).config
+    assert len(meta.inputs) == 1 and len(config.input) == 1
+    files = np.stack([np.array([p.read_bytes()], dtype=bytes) for p in images[: config.max_batch_size]])
+    tensor = triton.InferInput(meta.inputs[0].name, list(files.shape), "BYTES")
+    tensor.set_data_from_numpy(files)
+    result = client.infer(
+        IMAGES, [tensor], outputs=[triton.InferRequestedOutput(o.name, class_count=3) for o in meta.outputs]
+    )
+    (name,) = [o.name for o in meta.outputs]
+    want = classify_top5(classifier, *(p.read_bytes() for p in images))
+    assert [[i for _, i, _ in row] for row in parse_classes(result, name)] == [row[:3] for row in want]
 
 
 def test_model_config_is_what_perf_analyzer_reads(client: triton.InferenceServerClient) -> None:
     config = client.get_model_config(MODEL).config
     assert config.name == MODEL and config.platform == "onnxruntime_onnx" and config.backend == "onnxruntime"
     assert config.max_batch_size == 32
-    dims = {i.name: (i.data_type, list(i.dims), i.optional) for i in config.input}
-    assert dims == {"input": (tpb.model__config__pb2.TYPE_FP32, [3, 224, 224], True),
-                    "encoded_image": (tpb.model__config__pb2.TYPE_STRING, [1], True)}  # fmt: skip
+    dims = [(i.name, i.data_type, list(i.dims), i.format) for i in config.input]
+    assert dims == [
+        ("input", tpb.model__config__pb2.TYPE_FP32, [3, 224, 224], tpb.model__config__pb2.ModelInput.FORMAT_NCHW)
+    ]
     assert [(o.name, list(o.dims)) for o in config.output] == [("output", [1000])]
     assert config.HasField("dynamic_batching")
     assert config.dynamic_batching.max_queue_delay_microseconds == 0
+    images = client.get_model_config(IMAGES).config
+    assert images.name == IMAGES and images.max_batch_size == 32
+    assert [(i.name, i.data_type, list(i.dims)) for i in images.input] == [
+        ("encoded_image", tpb.model__config__pb2.TYPE_STRING, [1])
+    ]
+    assert [(o.name, list(o.dims)) for o in images.output] == [("output", [1000])]
 
 
 def test_unknown_model_is_not_found(client: triton.InferenceServerClient, jpeg: bytes) -> None:
@@ -171,6 +269,7 @@ def test_unknown_model_is_not_found(client: triton.InferenceServerClient, jpeg: 
         partial(client.get_model_metadata, "no-such-model"),
         partial(client.get_model_config, "no-such-model"),
         partial(client.infer, "no-such-model", [encoded_input(jpeg)]),
+        partial(client.infer, "no-such-model_image", [encoded_input(jpeg)]),
     ):
         with pytest.raises(InferenceServerException) as e:
             call()
@@ -186,7 +285,7 @@ def test_jpeg_bytes_give_classify_top5(
     for path in sample_images[:FAST_SAMPLE]:
         data = path.read_bytes()
         result = client.infer(
-            MODEL, [encoded_input(data)], outputs=[triton.InferRequestedOutput("output", class_count=5)]
+            IMAGES, [encoded_input(data)], outputs=[triton.InferRequestedOutput("output", class_count=5)]
         )
         (classes,) = parse_classes(result)
         assert [i for _, i, _ in classes] == classify_top5(classifier, data)[0], path.name
@@ -195,10 +294,10 @@ def test_jpeg_bytes_give_classify_top5(
 def test_output_tensor_is_the_models_raw_output(
     client: triton.InferenceServerClient, classifier: pb_grpc.ClassifierStub, jpeg: bytes
 ) -> None:
-    result = client.infer(MODEL, [encoded_input(jpeg)], request_id="logits-1")
+    result = client.infer(IMAGES, [encoded_input(jpeg)], request_id="logits-1")
     logits = result.as_numpy("output")
     assert logits is not None and logits.dtype == np.float32 and logits.shape == (1, 1000)
-    assert result.get_response().id == "logits-1" and result.get_response().model_name == MODEL
+    assert result.get_response().id == "logits-1" and result.get_response().model_name == IMAGES
     assert list(np.argsort(-logits[0])[:5]) == classify_top5(classifier, jpeg)[0]
     probabilities = np.exp(logits[0] - logits[0].max())
     probabilities /= probabilities.sum()
@@ -207,15 +306,11 @@ def test_output_tensor_is_the_models_raw_output(
 
 
 def test_class_count_gives_score_index_label(client: triton.InferenceServerClient, labels: Labels, jpeg: bytes) -> None:
-    result = client.infer(
-        MODEL,
-        [encoded_input(jpeg)],
-        outputs=[triton.InferRequestedOutput("output", class_count=3), triton.InferRequestedOutput("output")],
-    )
+    result = client.infer(IMAGES, [encoded_input(jpeg)], outputs=[triton.InferRequestedOutput("output", class_count=3)])
     raw = result.get_response().outputs
-    assert [(t.datatype, list(t.shape)) for t in raw] == [("BYTES", [1, 3]), ("FP32", [1, 1000])]
+    assert [(t.datatype, list(t.shape)) for t in raw] == [("BYTES", [1, 3])]
     (classes,) = parse_classes(result)
-    logits = client.infer(MODEL, [encoded_input(jpeg)]).as_numpy("output")
+    logits = client.infer(IMAGES, [encoded_input(jpeg)]).as_numpy("output")
     assert logits is not None
     assert [i for _, i, _ in classes] == list(np.argsort(-logits[0])[:3])
     for score, index, label in classes:
@@ -227,9 +322,9 @@ def test_a_batch_of_images_in_one_request(
     client: triton.InferenceServerClient, classifier: pb_grpc.ClassifierStub, sample_images: list[Path]
 ) -> None:
     images = [p.read_bytes() for p in sample_images[:8]]
-    result = client.infer(MODEL, [encoded_input(*images)], outputs=[triton.InferRequestedOutput("output", 5)])
+    result = client.infer(IMAGES, [encoded_input(*images)], outputs=[triton.InferRequestedOutput("output", 5)])
     assert [[i for _, i, _ in c] for c in parse_classes(result)] == classify_top5(classifier, *images)
-    logits = client.infer(MODEL, [encoded_input(*images)]).as_numpy("output")
+    logits = client.infer(IMAGES, [encoded_input(*images)]).as_numpy("output")
     assert logits is not None and logits.shape == (8, 1000)
 
 
@@ -258,17 +353,17 @@ def test_typed_contents_are_accepted(oip_server: ServerProcess, jpeg: bytes) -> 
         raw = tpb.ModelInferRequest(model_name=MODEL, raw_input_contents=[tensor.tobytes()])
         raw.inputs.add(name="input", datatype="FP32", shape=[1, 3, 224, 224])
         assert np.array_equal(typed, np.frombuffer(stub.ModelInfer(raw, timeout=30).raw_output_contents[0], "<f4"))
-        encoded = tpb.ModelInferRequest(model_name=MODEL)
+        encoded = tpb.ModelInferRequest(model_name=IMAGES)
         encoded.inputs.add(name="encoded_image", datatype="BYTES", shape=[2]).contents.bytes_contents.extend([jpeg] * 2)
         response = stub.ModelInfer(encoded, timeout=30)
         assert list(response.outputs[0].shape) == [2, 1000]
 
 
 def test_request_parameters(client: triton.InferenceServerClient, jpeg: bytes) -> None:
-    result = client.infer(MODEL, [encoded_input(jpeg)], priority=3, timeout=10_000_000, request_id="p-1")
+    result = client.infer(IMAGES, [encoded_input(jpeg)], priority=3, timeout=10_000_000, request_id="p-1")
     assert result.get_response().id == "p-1"
     with pytest.raises(InferenceServerException) as e:  # 1 µs: over before the image is decoded
-        client.infer(MODEL, [encoded_input(jpeg)], timeout=1)
+        client.infer(IMAGES, [encoded_input(jpeg)], timeout=1)
     assert status_of(e.value) == "StatusCode.DEADLINE_EXCEEDED"
 
 
@@ -276,22 +371,45 @@ def test_request_parameters(client: triton.InferenceServerClient, jpeg: bytes) -
 
 
 @pytest.mark.parametrize(
-    ("make", "words"),
+    ("model", "make", "words"),
     [
-        (lambda jpeg: [encoded_input(jpeg, b"not an image", jpeg)], "image 1"),
-        (lambda jpeg: [fp32_input(np.zeros((1, 3, 200, 200), np.float32))], "shape [1, 3, 200, 200]"),
-        (lambda jpeg: [tensor_input("input", np.zeros((1, 3, 224, 224), np.float64), "FP64")], "got FP64"),
-        (lambda jpeg: [tensor_input("encoded_image", np.zeros((1, 1), np.float32), "FP32")], "is BYTES, got FP32"),
-        (lambda jpeg: [tensor_input("pixels", np.array([[jpeg]], np.object_), "BYTES")], "no input 'pixels'"),
-        (lambda jpeg: [encoded_input(jpeg), fp32_input(np.zeros((1, 3, 224, 224), np.float32))], "2 inputs"),
+        (IMAGES, lambda jpeg: [encoded_input(jpeg, b"not an image", jpeg)], "image 1"),
+        (MODEL, lambda jpeg: [fp32_input(np.zeros((1, 3, 200, 200), np.float32))], "shape [1, 3, 200, 200]"),
+        (MODEL, lambda jpeg: [tensor_input("input", np.zeros((1, 3, 224, 224), np.float64), "FP64")], "got FP64"),
+        (
+            IMAGES,
+            lambda jpeg: [tensor_input("encoded_image", np.zeros((1, 1), np.float32), "FP32")],
+            "is BYTES, got FP32",
+        ),
+        (IMAGES, lambda jpeg: [tensor_input("pixels", np.array([[jpeg]], np.object_), "BYTES")], "no input 'pixels'"),
+        (MODEL, lambda jpeg: [encoded_input(jpeg)], "'encoded_image' is the input of the model 'int8_image'"),
+        (
+            IMAGES,
+            lambda jpeg: [fp32_input(np.zeros((1, 3, 224, 224), np.float32))],
+            "'input' is the input of the model 'int8'",
+        ),
+        (MODEL, lambda jpeg: [fp32_input(np.zeros((1, 3, 224, 224), np.float32)), encoded_input(jpeg)], "2 inputs"),
     ],
-    ids=["corrupt-image", "wrong-shape", "wrong-datatype", "bytes-as-fp32", "unknown-input", "two-inputs"],
+    ids=[
+        "corrupt-image",
+        "wrong-shape",
+        "wrong-datatype",
+        "bytes-as-fp32",
+        "unknown-input",
+        "image-to-the-network",
+        "tensor-to-the-image-face",
+        "two-inputs",
+    ],
 )
 def test_bad_input_is_invalid_argument(
-    client: triton.InferenceServerClient, jpeg: bytes, make: Callable[[bytes], list[triton.InferInput]], words: str
+    client: triton.InferenceServerClient,
+    jpeg: bytes,
+    model: str,
+    make: Callable[[bytes], list[triton.InferInput]],
+    words: str,
 ) -> None:
     with pytest.raises(InferenceServerException) as e:
-        client.infer(MODEL, make(jpeg))
+        client.infer(model, make(jpeg))
     assert status_of(e.value) == "StatusCode.INVALID_ARGUMENT"
     assert words in e.value.message() and len(e.value.message()) < 300
     assert client.is_server_ready()
@@ -303,11 +421,12 @@ BAD_UTF8 = b"\xff\xfe-not-utf8"
 def with_raw_field(request: tpb.ModelInferRequest, number: int, value: bytes) -> bytes:
     """The request's wire bytes plus a length-delimited field: invalid UTF-8 in a string field,
     which protobuf's Python API refuses to write."""
-    return request.SerializeToString() + bytes([number << 3 | 2, len(value)]) + value
+    data: bytes = request.SerializeToString()
+    return data + bytes([number << 3 | 2, len(value)]) + value
 
 
 def jpeg_request(jpeg: bytes, request_id: str = "") -> tpb.ModelInferRequest:
-    request = tpb.ModelInferRequest(model_name=MODEL, id=request_id)
+    request = tpb.ModelInferRequest(model_name=IMAGES, id=request_id)
     request.inputs.add(name="encoded_image", datatype="BYTES", shape=[1, 1]).contents.bytes_contents.append(jpeg)
     return request
 
@@ -365,7 +484,7 @@ def test_unknown_output_and_bad_class_count(client: triton.InferenceServerClient
     for output, words in ((triton.InferRequestedOutput("probs"), "no output 'probs'"),
                           (triton.InferRequestedOutput("output", class_count=1001), "1000 classes")):  # fmt: skip
         with pytest.raises(InferenceServerException) as e:
-            client.infer(MODEL, [encoded_input(jpeg)], outputs=[output])
+            client.infer(IMAGES, [encoded_input(jpeg)], outputs=[output])
         assert status_of(e.value) == "StatusCode.INVALID_ARGUMENT" and words in e.value.message()
 
 
@@ -374,7 +493,7 @@ async def test_full_queue_is_resource_exhausted(oip_server: ServerProcess, sampl
     images = [p.read_bytes() for p in sample_images[:QUEUE_LIMIT]]
     async with triton_aio.InferenceServerClient(url=oip_server.target) as c:
         outcomes = await asyncio.gather(
-            *(c.infer(MODEL, [encoded_input(*images)], client_timeout=60) for _ in range(4)), return_exceptions=True
+            *(c.infer(IMAGES, [encoded_input(*images)], client_timeout=60) for _ in range(4)), return_exceptions=True
         )
     refused = [o for o in outcomes if isinstance(o, InferenceServerException)]
     assert refused and len(refused) < len(outcomes)
@@ -395,7 +514,7 @@ def test_stream_answers_every_request_and_goes_on_after_an_error(
         c.start_stream(callback=lambda result, error: answers.put((result, error)))
         for request_id, data in images.items():
             c.async_stream_infer(
-                MODEL, [encoded_input(data)], request_id=request_id, outputs=[triton.InferRequestedOutput("output", 5)]
+                IMAGES, [encoded_input(data)], request_id=request_id, outputs=[triton.InferRequestedOutput("output", 5)]
             )
         got = [answers.get(timeout=60) for _ in images]
         c.stop_stream()
@@ -412,9 +531,11 @@ def test_stream_answers_every_request_and_goes_on_after_an_error(
 
 def test_statistics_agree_with_metrics(client: triton.InferenceServerClient, metrics_port: int, jpeg: bytes) -> None:
     before = client.get_inference_statistics(MODEL).model_stats[0]
-    client.infer(MODEL, [encoded_input(jpeg, jpeg, jpeg)])
-    client.infer(MODEL, [encoded_input(jpeg)])
+    client.infer(IMAGES, [encoded_input(jpeg, jpeg, jpeg)])
+    client.infer(MODEL, [fp32_input(np.zeros((1, 3, 224, 224), np.float32))])
     (stats,) = client.get_inference_statistics(MODEL).model_stats
+    (face,) = client.get_inference_statistics(IMAGES).model_stats  # one batcher: the same figures
+    assert face.name == IMAGES and face.inference_count == stats.inference_count
     assert stats.name == MODEL and stats.version == "1"
     assert stats.inference_count - before.inference_count == 4
     assert stats.inference_stats.success.count - before.inference_stats.success.count == 2
@@ -461,7 +582,7 @@ def test_drain_answers_what_the_stream_sent_then_ends_it(int8_model: Path, sampl
         with triton.InferenceServerClient(url=proc.target) as c:
             c.start_stream(callback=lambda result, error: answers.put((result, error)))
             for i, data in enumerate(images):
-                c.async_stream_infer(MODEL, [encoded_input(data)], request_id=str(i))
+                c.async_stream_infer(IMAGES, [encoded_input(data)], request_id=str(i))
             got = [answers.get(timeout=60)]  # the stream is being served
             proc.signal(signal.SIGTERM)
             while got[-1][1] is None and len(got) <= len(images):
@@ -483,7 +604,7 @@ def test_every_sample_image_agrees_with_classify(
 ) -> None:
     for start in range(0, len(sample_images), 8):
         images = [p.read_bytes() for p in sample_images[start : start + 8]]
-        result = client.infer(MODEL, [encoded_input(*images)], outputs=[triton.InferRequestedOutput("output", 5)])
+        result = client.infer(IMAGES, [encoded_input(*images)], outputs=[triton.InferRequestedOutput("output", 5)])
         assert [[i for _, i, _ in c] for c in parse_classes(result)] == classify_top5(classifier, *images)
 
 
@@ -502,7 +623,7 @@ async def test_one_batch_carries_both_protocols(int8_model: Path, sample_images:
             request = pb.ClassifyRequest(model=MODEL, images=[pb.Image(encoded=b) for b in images[:2]], top_k=5)
             classified, inferred = await asyncio.gather(
                 pb_grpc.ClassifierStub(ch).Classify(request, timeout=30),
-                c.infer(MODEL, [encoded_input(*images[2:])], outputs=[triton.InferRequestedOutput("output", 5)]),
+                c.infer(IMAGES, [encoded_input(*images[2:])], outputs=[triton.InferRequestedOutput("output", 5)]),
             )
             assert classified.timing.batch_size == 4
             assert len(parse_classes(inferred)) == 2

@@ -1,8 +1,8 @@
 """Backpressure, deadlines, cancellation, runtime faults, limits and drain, on a real in-process
 server over gRPC.
 
-To decide when a batch runs, the model's one onnxruntime session is wrapped in a gate the test
-opens (`GatedSession`); the same wrapper can make one run fail inside onnxruntime itself, by
+To decide when a batch runs, the model's one onnxruntime session runs behind a gate the test
+opens (`helpers.SessionGate`); the same gate can make one run fail inside onnxruntime itself, by
 feeding the real session a tensor of the wrong shape. Everything else is the real server.
 """
 
@@ -10,26 +10,31 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import threading
-from collections.abc import AsyncIterator, Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
 
 import grpc
-import numpy as np
 import pytest
 import pytest_asyncio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from PIL import Image
-from test_bad_input import png_bomb
 
 from mobiserve.server.app import App
-from mobiserve.server.transport.servicer import SHUTTING_DOWN
+from mobiserve.server.transport.calls import SHUTTING_DOWN
 from mobiserve.v1 import classifier_pb2 as pb
 from mobiserve.v1 import classifier_pb2_grpc as pb_grpc
 
-from helpers import encode, model_config, request_of, start_server
+from helpers import (
+    SessionGate,
+    encode,
+    model_config,
+    png_bomb,
+    poll_until,
+    request_of,
+    requests_counted,
+    start_server,
+    status_of_call,
+)
 
 QUEUE_LIMIT = 8  # images
 MAX_IMAGES = 8
@@ -37,71 +42,29 @@ MAX_PIXELS = 1_000_000
 MAX_MESSAGE = 4 << 20
 
 
-class GatedSession:
-    """A real onnxruntime session whose runs wait for `gate`; `fail_next` makes the next run fail
-    inside onnxruntime (it gets a batch of the wrong shape)."""
-
-    def __init__(self, session: Any):
-        self._session = session
-        self.gate = threading.Event()
-        self.gate.set()
-        self.entered = threading.Event()  # a run is waiting at (or went through) the gate
-        self.batch_sizes: list[int] = []
-        self.fail_next = False
-
-    def run(self, output_names: list[str], feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-        self.entered.set()
-        if not self.gate.wait(120):
-            raise TimeoutError("test gate never opened")
-        ((name, batch),) = feeds.items()
-        self.batch_sizes.append(len(batch))
-        if self.fail_next:
-            self.fail_next = False
-            batch = np.ascontiguousarray(batch[:, :, :100, :])
-        return self._session.run(output_names, {name: batch})
-
-    @contextmanager
-    def closed(self) -> Iterator[None]:
-        """Hold every run at the gate for the block; always reopen it."""
-        self.entered.clear()
-        self.gate.clear()
-        try:
-            yield
-        finally:
-            self.gate.set()
-
-    async def wait_entered(self) -> None:
-        assert await asyncio.to_thread(self.entered.wait, 120), "no batch reached the session"
-
-
-def gate_session(app: App) -> GatedSession:
-    model = next(iter(app.servicer.registry or ())).model
-    gated = GatedSession(model._free.get())  # instances=1: the model's only session
-    model._free.put(gated)
-    return gated
-
-
-async def start_gated(int8_model: Path, **settings: object) -> tuple[App, GatedSession]:
+async def start_gated(int8_model: Path, **settings: object) -> tuple[App, SessionGate]:
+    gate = SessionGate()
     app = await start_server(
-        # spinning on: no separate small-batch session, so the gated session sees every batch
+        # one session, and spinning on: no separate small-batch session, so the gate sees every batch
         model_config(int8_model, instances=1, max_batch_size=8, max_queue_size=QUEUE_LIMIT, allow_spinning=True),
+        gates={"int8": gate},
         max_images_per_request=MAX_IMAGES,
         max_pixels=MAX_PIXELS,
         max_message_bytes=MAX_MESSAGE,
         **settings,
     )
-    return app, gate_session(app)
+    return app, gate
 
 
 @pytest_asyncio.fixture(scope="module")
-async def gated(int8_model: Path) -> AsyncIterator[tuple[App, GatedSession]]:
+async def gated(int8_model: Path) -> AsyncIterator[tuple[App, SessionGate]]:
     app, session = await start_gated(int8_model)
     yield app, session
     await app.stop(grace_s=5)
 
 
 @pytest_asyncio.fixture(scope="module")
-async def gated_stub(gated: tuple[App, GatedSession]) -> AsyncIterator[pb_grpc.ClassifierStub]:
+async def gated_stub(gated: tuple[App, SessionGate]) -> AsyncIterator[pb_grpc.ClassifierStub]:
     options = [("grpc.max_send_message_length", 64 << 20)]
     async with grpc.aio.insecure_channel(f"127.0.0.1:{gated[0].port}", options=options) as channel:
         yield pb_grpc.ClassifierStub(channel)
@@ -112,32 +75,15 @@ def images(sample_images: list[Path]) -> list[bytes]:
     return [p.read_bytes() for p in sample_images[:16]]
 
 
-def requests_counted(app: App, code: str, method: str = "Classify", model: str = "int8") -> float:
-    return (
-        app.metrics.registry.get_sample_value(
-            "mobiserve_requests_total", {"model": model, "method": method, "code": code}
-        )
-        or 0.0
-    )
-
-
-async def status_of_call(call: Any) -> grpc.StatusCode:
-    try:
-        await call
-    except grpc.aio.AioRpcError as e:
-        return e.code()
-    return grpc.StatusCode.OK
-
-
 async def top1(stub: pb_grpc.ClassifierStub, image: bytes) -> int:
-    return (await stub.Classify(request_of(image), timeout=60)).results[0].classes[0].index
+    return int((await stub.Classify(request_of(image), timeout=60)).results[0].classes[0].index)
 
 
 # ------------------------------------------------------------------------------------ faults
 
 
 async def test_an_onnxruntime_failure_fails_only_its_batch(
-    gated: tuple[App, GatedSession],
+    gated: tuple[App, SessionGate],
     gated_stub: pb_grpc.ClassifierStub,
     images: list[bytes],
     caplog: pytest.LogCaptureFixture,
@@ -169,35 +115,39 @@ async def test_an_onnxruntime_failure_fails_only_its_batch(
 
 
 async def test_a_full_queue_refuses_at_once_then_recovers(
-    gated: tuple[App, GatedSession], gated_stub: pb_grpc.ClassifierStub, images: list[bytes]
+    gated: tuple[App, SessionGate], gated_stub: pb_grpc.ClassifierStub, images: list[bytes]
 ) -> None:
     app, session = gated
-    batcher = next(iter(app.servicer.registry or ())).batcher
+    model = app.served[0]
     refused_before = requests_counted(app, "RESOURCE_EXHAUSTED")
     with session.closed():
         running = asyncio.ensure_future(gated_stub.Classify(request_of(images[0], request_id="running"), timeout=60))
-        await session.wait_entered()  # the only session is busy: nothing leaves the queue now
-        # one stream, so the server reads (and admits) in this order: the first fills the queue
+        await session.wait_held(1)
+        spare = asyncio.ensure_future(gated_stub.Classify(request_of(images[1], request_id="spare"), timeout=60))
+        await session.wait_held(2)  # the regular and the spare session are busy: nothing leaves the queue now
+        # one stream, so the server reads (and admits) in this order: the first fills the
+        # interactive lane (streams are bulk unless they ask otherwise)
         stream = gated_stub.ClassifyStream(timeout=60)
-        await stream.write(request_of(*images[:QUEUE_LIMIT], request_id="fills"))
-        await stream.write(request_of(images[0], request_id="over"))
+        interactive = pb.PRIORITY_INTERACTIVE
+        await stream.write(request_of(*images[:QUEUE_LIMIT], request_id="fills", priority=interactive))
+        await stream.write(request_of(images[0], request_id="over", priority=interactive))
         refusal = await stream.read()  # arrives while nothing can finish: refused without waiting
         assert refusal.request_id == "over" and refusal.error.code == grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]
         assert "overloaded" in refusal.error.message and f"limit {QUEUE_LIMIT}" in refusal.error.message
         flood = await asyncio.gather(*(status_of_call(gated_stub.Classify(request_of(b), timeout=60)) for b in images))
         assert set(flood) == {grpc.StatusCode.RESOURCE_EXHAUSTED}
-        assert batcher.admitted == QUEUE_LIMIT
+        assert model.queued() == QUEUE_LIMIT
     filled = await stream.read()
     await stream.done_writing()
     assert filled.request_id == "fills" and len(filled.results) == QUEUE_LIMIT and not filled.HasField("error")
-    assert (await running).request_id == "running"
+    assert (await running).request_id == "running" and (await spare).request_id == "spare"
     assert await stream.code() == grpc.StatusCode.OK
     # recovered: as much as the queue holds, at once, is all served
     again = await asyncio.gather(
         *(status_of_call(gated_stub.Classify(request_of(b), timeout=60)) for b in images[:QUEUE_LIMIT])
     )
     assert set(again) == {grpc.StatusCode.OK}
-    assert batcher.admitted == 0
+    assert model.queued() == 0
     assert requests_counted(app, "RESOURCE_EXHAUSTED") - refused_before == len(images)  # the unary refusals
     assert app.metrics.registry.get_sample_value("mobiserve_queue_depth_images", {"model": "int8"}) == 0
 
@@ -206,14 +156,16 @@ async def test_a_full_queue_refuses_at_once_then_recovers(
 
 
 async def test_cancelled_and_expired_requests_never_reach_the_model(
-    gated: tuple[App, GatedSession], gated_stub: pb_grpc.ClassifierStub, images: list[bytes]
+    gated: tuple[App, SessionGate], gated_stub: pb_grpc.ClassifierStub, images: list[bytes]
 ) -> None:
     app, session = gated
     deadline_before = requests_counted(app, "DEADLINE_EXCEEDED")
     cancelled_before = requests_counted(app, "CANCELLED")
     with session.closed():
         running = asyncio.ensure_future(gated_stub.Classify(request_of(images[0]), timeout=60))
-        await session.wait_entered()
+        await session.wait_held(1)
+        spare = asyncio.ensure_future(gated_stub.Classify(request_of(images[2]), timeout=60))
+        await session.wait_held(2)  # the regular and the spare session are busy: the rest queues
         runs_before = len(session.batch_sizes)
         cancelled = gated_stub.Classify(request_of(*images[:3]), timeout=60)
         expired = gated_stub.Classify(request_of(*images[:2]), timeout=0.5)
@@ -225,12 +177,13 @@ async def test_cancelled_and_expired_requests_never_reach_the_model(
         # it is answered the server has seen it (the gate is still closed: nothing has run)
         await gated_stub.ListModels(pb.ListModelsRequest(), timeout=30)
     await running
+    await spare
     await kept
-    # after the blocked run: only `kept` (one image) ran; the 5 images of the others never did
-    assert session.batch_sizes[runs_before:] == [1, 1]
+    # after the blocked runs: only `kept` (one image) ran; the 5 images of the others never did
+    assert session.batch_sizes[runs_before:] == [1, 1, 1]
     assert requests_counted(app, "DEADLINE_EXCEEDED") - deadline_before == 1
     assert requests_counted(app, "CANCELLED") - cancelled_before == 1
-    assert next(iter(app.servicer.registry or ())).batcher.admitted == 0
+    assert app.served[0].queued() == 0
 
 
 async def test_the_default_timeout_applies_when_the_client_sets_none(int8_model: Path, images: list[bytes]) -> None:
@@ -240,12 +193,15 @@ async def test_the_default_timeout_applies_when_the_client_sets_none(int8_model:
             stub = pb_grpc.ClassifierStub(channel)
             with session.closed():
                 running = asyncio.ensure_future(stub.Classify(request_of(images[0]), timeout=60))
-                await session.wait_entered()
+                await session.wait_held(1)
+                spare = asyncio.ensure_future(stub.Classify(request_of(images[2]), timeout=60))
+                await session.wait_held(2)  # the regular and the spare session are busy
                 with pytest.raises(grpc.aio.AioRpcError) as err:
                     await stub.Classify(request_of(images[1]))  # no deadline: the server's applies
             await running
+            await spare
         assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED and "deadline" in (err.value.details() or "")
-        assert session.batch_sizes == [1]  # the expired request never ran
+        assert session.batch_sizes == [1, 1]  # the two that held the sessions; the expired request never ran
         assert requests_counted(app, "DEADLINE_EXCEEDED") == 1
     finally:
         await app.stop(grace_s=5)
@@ -335,7 +291,7 @@ def test_limits_and_knobs_come_from_the_serve_flags(int8_model: Path) -> None:
 
 async def test_drain_answers_what_is_in_flight_and_refuses_the_rest(int8_model: Path, images: list[bytes]) -> None:
     app, session = await start_gated(int8_model)
-    batcher = next(iter(app.servicer.registry or ())).batcher
+    model = app.served[0]
     target = f"127.0.0.1:{app.port}"
     stopping: asyncio.Task[None] | None = None
     try:
@@ -349,11 +305,8 @@ async def test_drain_answers_what_is_in_flight_and_refuses_the_rest(int8_model: 
                 await session.wait_entered()  # read-1 is in the session
                 await stream.write(request_of(images[1], request_id="read-2"))
                 unary = asyncio.ensure_future(stub.Classify(request_of(images[2]), timeout=60))
-                for _ in range(600):  # bounded: until both are accepted (admitted to the queue)
-                    if batcher.admitted == 2:
-                        break
-                    await asyncio.sleep(0.01)
-                assert batcher.admitted == 2
+                # both accepted: read-2 queued in its (bulk) lane, the unary call on the spare session
+                await poll_until(lambda: model.queued() == 1 and session.held == 2, timeout_s=60)
                 stopping = asyncio.create_task(app.stop(grace_s=60))
                 assert (await watch.read()).status == health_pb2.HealthCheckResponse.NOT_SERVING
                 late_stream = stub.ClassifyStream(timeout=60)

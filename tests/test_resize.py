@@ -25,7 +25,7 @@ SAMPLE = SHARED / "data" / "imagenet-sample"
 
 
 def pillow(pixels: np.ndarray, resized: tuple[int, int], crop: tuple[int, int, int, int]) -> np.ndarray:
-    return np.asarray(Image.fromarray(pixels).resize(resized, Image.BILINEAR).crop(crop))
+    return np.asarray(Image.fromarray(pixels).resize(resized, Image.Resampling.BILINEAR).crop(crop))
 
 
 def card(pixels: np.ndarray) -> tuple[tuple[int, int], tuple[int, int, int, int]]:
@@ -41,7 +41,7 @@ def vertical_first(pixels: np.ndarray, resized: tuple[int, int]) -> bool:
     """Pillow 13's pass order (ImagingResampleInner): vertical first when the height shrinks by
     more than twice as many pixels as the width."""
     h, w = pixels.shape[:2]
-    return resized[0] != w and h - resized[1] > 0 and h - resized[1] > (w - resized[0]) * 2
+    return bool(resized[0] != w and h - resized[1] > 0 and h - resized[1] > (w - resized[0]) * 2)
 
 
 def noise(width: int, height: int) -> np.ndarray:

@@ -29,10 +29,13 @@ def server_input(data: bytes | None, tensor: np.ndarray | None) -> np.ndarray:
     """The model input the server builds from what the client sends."""
     if tensor is None:
         assert data is not None
-        return assemble([preprocess_encoded(data, LIMITS)])[0]
-    if tensor.dtype == np.float32:
+        item = preprocess_encoded(data, LIMITS)
+    elif tensor.dtype == np.float32:
         return tensor
-    return assemble([preprocess_tensor(tensor.shape, "uint8", tensor.tobytes(), LIMITS)])[0]
+    else:
+        item = preprocess_tensor(tensor.shape, "uint8", tensor.tobytes(), LIMITS)
+    model_input: np.ndarray = assemble([item])[0]
+    return model_input
 
 
 def sent(path: Path, how: str) -> np.ndarray:

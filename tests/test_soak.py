@@ -24,14 +24,13 @@ from pathlib import Path
 import grpc
 import pytest
 import pytest_asyncio
-from test_bad_input import png_bomb
 
-from mobiserve.server.transport.servicer import SHUTTING_DOWN
+from mobiserve.server.transport.calls import SHUTTING_DOWN
 from mobiserve.v1 import classifier_pb2 as pb
 from mobiserve.v1 import classifier_pb2_grpc as pb_grpc
 
 import helpers
-from helpers import SYNSETS, request_of
+from helpers import SYNSETS, png_bomb, request_of
 
 pytestmark = pytest.mark.slow  # real processes or whole-sample sweeps
 

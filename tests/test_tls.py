@@ -6,6 +6,7 @@ no certificate or one from another CA are all refused; the right client is serve
 
 from __future__ import annotations
 
+import asyncio
 import datetime
 import ipaddress
 import subprocess
@@ -25,7 +26,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from mobiserve.server.app import App
 from mobiserve.v1 import classifier_pb2_grpc as pb_grpc
 
-from helpers import SYNSETS, model_config, request_of, start_server
+from helpers import SYNSETS, cli, model_config, request_of, start_server
 
 MOBISERVE = str(Path(sys.executable).parent / "mobiserve")
 
@@ -194,6 +195,34 @@ def test_bad_tls_files_are_a_one_line_startup_error(int8_model: Path, pki: Pki, 
         text=True,
         timeout=120,
     )
-    assert done.returncode == 1, done.stderr
+    usage = words in ("needs --tls-cert and --tls-key", "go together")  # flags that do not go together: exit 2
+    assert done.returncode == (2 if usage else 1), done.stderr
     last = done.stderr.strip().splitlines()[-1]
     assert last.startswith("mobiserve: error:") and words in last, done.stderr
+
+
+async def test_the_commands_speak_tls_and_say_so_when_a_plaintext_call_meets_it(
+    tls_server: App, mtls_server: App, pki: Pki, sample_images: list[Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    tls, mtls = (f"127.0.0.1:{app.port}" for app in (tls_server, mtls_server))
+    image = str(sample_images[0])
+    trust = ["--tls-ca", str(pki.ca.cert_path)]
+    mine = ["--tls-cert", str(pki.client.cert_path), "--tls-key", str(pki.client.key_path)]
+
+    async def run(*args: str) -> tuple[int, str, str]:
+        return await asyncio.to_thread(cli, capsys, *args)
+
+    code, out, err = await run("classify", image, "--target", tls, *trust)
+    assert code == 0 and image in out, err
+    assert await run("health", "--target", mtls, *trust, *mine) == (0, "SERVING\n", "")
+    code, out, err = await run("models", "--target", mtls, *trust, *mine, "--json")
+    assert code == 0 and '"name": "int8"' in out, err
+
+    for target in (tls, mtls):  # plaintext against TLS: one line that says so and what to give
+        code, out, err = await run("classify", image, "--target", target)
+        assert (code, out) == (1, "") and len(err.splitlines()) == 1, err
+        assert f"server {target} speaks TLS" in err and "--tls-ca" in err, err
+        code, out, err = await run("health", "--target", target, "--timeout", "10")
+        assert code == 1 and "speaks TLS" in out, out
+    code, out, err = await run("classify", image, "--target", tls, *trust, "--tls-cert", str(pki.client.cert_path))
+    assert (code, out, err) == (2, "", "mobiserve: error: --tls-cert and --tls-key go together\n")

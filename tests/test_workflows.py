@@ -48,7 +48,8 @@ class Run:
 
     def json(self) -> dict[str, Any]:
         assert self.code == 0, self.stderr[-2000:]
-        return json.loads(self.stdout)
+        data: dict[str, Any] = json.loads(self.stdout)
+        return data
 
     def error_line(self) -> str:
         """The last stderr line, which must be the one-line error."""

@@ -1,7 +1,7 @@
 """Batch assembly: uint8 crops and ready float32 tensors -> one float32 NCHW model input.
 
 Normalisation goes through a 3x256 lookup table built with the card's exact float32 arithmetic
-((x / 255 - mean) / std), so it is bit-identical to normalising each image and ~2x cheaper; it
+((x / 255 - mean) / std), so it is bit-identical to normalising each image and cheaper; it
 runs once per batch in the inference thread, not per image on the request path.
 """
 

@@ -5,17 +5,18 @@ centre-crop 224 (offsets (W-224)//2), scale to [0, 1], normalise by the ImageNet
 
 The int8 model flips its top-1 on a few percent of images when pixels move by one level, so every
 shortcut here is bit-exact with the card's Pillow pipeline:
-- JPEG is decoded by libjpeg-turbo through simplejpeg (same pixels as Pillow, ~30% faster);
+- JPEG is decoded by libjpeg-turbo through simplejpeg (same pixels as Pillow, and faster);
 - only the 224x224 crop is resampled (`resize.center_crop_resize`, Pillow's arithmetic replicated);
 - images stay uint8 until a whole batch is normalised at once through a lookup table (`normalize`).
 Everything runs in a worker thread: simplejpeg, Pillow and numpy release the GIL.
 
 `decode="fast"` (opt-in, per model) gives up exactness for large JPEGs: libjpeg-turbo decodes them
 at 1/2, 1/4 or 1/8 scale in the DCT domain, the smallest of these that keeps the shorter side at
-least 256, and the card's resize and crop run from there. A 12 MP photo then costs about a quarter
-as much; an image whose shorter side is at most 510 is decoded at full size as before, so
-ImageNet-sized images give the same bits either way. Only power-of-two scales: libjpeg-turbo has
-SIMD kernels for those, and its 3/8..7/8 kernels were no faster than the next power of two here.
+least 256, and the card's resize and crop run from there: a phone photo then costs several times
+less (docs/performance.md#large-photos). An image whose shorter side is at most 510 is decoded at
+full size as before, so ImageNet-sized images give the same bits either way. Only power-of-two
+scales: libjpeg-turbo has SIMD kernels for those, and its 3/8..7/8 kernels were no faster than the
+next power of two here.
 """
 
 from __future__ import annotations

@@ -18,12 +18,13 @@ module replays Pillow 13's ``src/libImaging/Resample.c`` for the kept rows and c
   Pillow versions; the tests compare with the Pillow that is installed).
 
 Speed comes from numpy doing every tap of a pass at once: the taps are gathered with
-``np.take`` (``mode="clip"``, several times faster than the default), multiplied and summed by
-one ``np.einsum``, and every temporary lives in per-thread scratch buffers, because the page
-faults of fresh megabyte-sized arrays doubled the run time. The horizontal pass works on a
+``np.take`` (``mode="clip"``, much faster than the default), multiplied and summed by one
+``np.einsum``, and every temporary lives in per-thread scratch buffers, because the page faults
+of fresh megabyte-sized arrays cost as much as the work. The horizontal pass works on a
 transposed copy of the source so that its taps are whole rows, as the vertical taps are.
-Coefficient tables are cached (computing one takes about as long as resampling a tenth of the
-crop). Large images are processed in chunks that keep scratch buffers near 2 MB.
+Coefficient tables are cached (computing one is not cheap next to resampling the crop). Large
+images are processed in chunks that keep scratch buffers near 2 MB. docs/performance.md has the
+measurements.
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ _BIAS = np.int32(1 << (_PRECISION_BITS - 1))
 _NO_CLIP_WEIGHT_SUM = ((256 << _PRECISION_BITS) - 1 - int(_BIAS)) // 255
 _CHUNK_BYTES = 2 << 20  # rough size of each scratch buffer, so huge images do not need huge ones
 # Transposing more rows at once reads each output row across thousands of pages of a large
-# image; the TLB misses made that copy 7x slower than in slabs of this many rows.
+# image; the TLB misses made that copy far slower than in slabs of this many rows.
 _TRANSPOSE_ROWS = 256
 
 _scratch_local = threading.local()

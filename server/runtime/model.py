@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import queue
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
+from mobiserve.common import zoo
 from mobiserve.common.labels import Labels
 from mobiserve.common.zoo import sha256_of
 from mobiserve.server import threads
@@ -32,19 +33,35 @@ class BatchScores:
 
 
 SMALL_BATCH = 2  # batches up to this size may take the spinning session (see Model)
+SessionOpener = Callable[[str, SessionTuning], ort.InferenceSession]
 
 
 class Model:
     """`instances` sessions of one ONNX file; `infer` may be called from that many threads at once.
 
     With spinning off (the default, so idle intra-op threads leave the cores to preprocessing),
-    a lone image pays for waking onnxruntime's threads at every operator: ~0.4 ms of a ~2.5 ms
-    batch-1 run. So one extra session whose threads spin takes small batches when it is free:
-    small batches only happen when the server is lightly loaded, which is exactly when spinning
-    costs nothing. Both sessions run the same kernels with the same threads: same results.
+    a lone image pays for waking onnxruntime's threads at every operator, a good part of a
+    batch-1 run (docs/performance.md). So one extra session whose threads spin takes small
+    batches when it is free: small batches only happen when the server is lightly loaded, which
+    is exactly when spinning costs nothing. Both sessions run the same kernels with the same
+    threads: same results.
+
+    `spare_threads`: one more session, not spinning, with that many threads, which
+    `infer(spare=True)` runs on when it is free: urgent work beside batches that hold the others.
+    `nice`: the regular sessions' threads run at an OS priority lowered by this much, so that the
+    kernel runs the spinning and the spare session's work first (threads.run_at_lower_priority).
     """
 
-    def __init__(self, path: str | Path, labels: Labels, tuning: SessionTuning, instances: int = 1):
+    def __init__(
+        self,
+        path: str | Path,
+        labels: Labels,
+        tuning: SessionTuning,
+        instances: int = 1,
+        open_session: SessionOpener = open_session,  # tests pass one whose sessions they can hold
+        spare_threads: int = 0,
+        nice: int = 0,
+    ):
         self.path = str(path)
         self.sha256 = sha256_of(Path(path)) if Path(path).is_file() else ""
         self.labels = labels
@@ -52,12 +69,17 @@ class Model:
         self.instances = instances
         if not Path(path).is_file():
             raise ModelLoadError(f"model file not found: {path}")
+        pool_name = f"ort-{Path(path).stem}"
+
+        def open_regular() -> list[ort.InferenceSession]:
+            with threads.creating_threads_as(pool_name):  # onnxruntime's pools inherit the name (and priority)
+                return [open_session(self.path, tuning) for _ in range(instances)]
+
         try:
-            with threads.creating_threads_as(f"ort-{Path(path).stem}"):  # onnxruntime's pools inherit the name
-                sessions = [open_session(self.path, tuning) for _ in range(instances)]
+            sessions = threads.run_at_lower_priority(nice, open_regular)
         except Exception as exc:  # onnxruntime raises its own Fail/InvalidProtobuf/... types
             first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise ModelLoadError(f"cannot load {path} with onnxruntime: {first_line}") from None
+            raise ModelLoadError(f"cannot load {path} with onnxruntime: {first_line}{_repair(Path(path))}") from None
         self.input_name, self.output_name, self.num_classes = _check_signature(sessions[0], path)
         if self.num_classes != len(labels):
             raise ModelLoadError(
@@ -66,16 +88,23 @@ class Model:
         self._free: queue.SimpleQueue[ort.InferenceSession] = queue.SimpleQueue()
         for session in sessions:
             self._free.put(session)
-        with threads.creating_threads_as(f"ort-{Path(path).stem}"):
+        with threads.creating_threads_as(pool_name):
             self._spinning = (
                 None if tuning.allow_spinning else open_session(self.path, replace(tuning, allow_spinning=True))
             )
+            self._spare = (
+                None
+                if not spare_threads
+                else open_session(self.path, replace(tuning, intra_op_threads=spare_threads, allow_spinning=False))
+            )
         self._spinning_busy = threading.Lock()
+        self._spare_busy = threading.Lock()
 
-    def infer(self, items: Sequence[np.ndarray]) -> BatchScores:
-        """uint8 crops / float32 inputs -> scores. Blocks on a free session if all are busy."""
+    def infer(self, items: Sequence[np.ndarray], spare: bool = False) -> BatchScores:
+        """uint8 crops / float32 inputs -> scores. Blocks on a free session if all are busy.
+        spare: on the spare session, if there is one and it is free."""
         batch = assemble(items, _input_buffer(len(items)))
-        with self._session(len(items)) as session:
+        with self._session(len(items), spare) as session:
             logits = self._run(session, batch)
         return BatchScores(logits, softmax(logits), rank(logits))
 
@@ -85,8 +114,9 @@ class Model:
         sessions = [self._free.get() for _ in range(self.instances)]
         try:
             runs = [(session, sorted({1, max_batch_size})) for session in sessions]
-            if self._spinning is not None:
-                runs.append((self._spinning, list(range(1, SMALL_BATCH + 1))))
+            for small in (self._spinning, self._spare):
+                if small is not None:
+                    runs.append((small, list(range(1, SMALL_BATCH + 1))))
             for session, sizes in runs:
                 for n in sizes:
                     self._run(session, np.zeros((n, 3, INPUT_SIZE, INPUT_SIZE), dtype=np.float32))
@@ -95,8 +125,15 @@ class Model:
                 self._free.put(session)
 
     @contextmanager
-    def _session(self, batch_size: int) -> Iterator[ort.InferenceSession]:
-        """The spinning session for a small batch when it is free, else a regular one."""
+    def _session(self, batch_size: int, spare: bool = False) -> Iterator[ort.InferenceSession]:
+        """The spare session when asked for and free; the spinning session for a small batch when
+        it is free; else a regular one."""
+        if spare and self._spare is not None and self._spare_busy.acquire(blocking=False):
+            try:
+                yield self._spare
+            finally:
+                self._spare_busy.release()
+            return
         if self._spinning is not None and batch_size <= SMALL_BATCH and self._spinning_busy.acquire(blocking=False):
             try:
                 yield self._spinning
@@ -112,6 +149,17 @@ class Model:
     def _run(self, session: ort.InferenceSession, batch: np.ndarray) -> np.ndarray:
         logits: np.ndarray = session.run([self.output_name], {self.input_name: batch})[0]
         return logits
+
+
+def _repair(path: Path) -> str:
+    """For a file named as one of the zoo's: how to fetch it again."""
+    model = zoo.by_filename(path)
+    if model is None:
+        return ""
+    return (
+        f". It is named as the zoo's {model.name} model, so it may be damaged or cut short: "
+        f"`mobiserve models pull {model.name} --dir {path.parent}` fetches it again"
+    )
 
 
 def _check_signature(session: ort.InferenceSession, path: str | Path) -> tuple[str, str, int]:
@@ -135,8 +183,8 @@ _thread = threading.local()
 
 def _input_buffer(n: int) -> np.ndarray:
     """This thread's reusable model input for a batch of `n` (an inference thread runs one batch
-    at a time). A fresh array per batch (19 MB at 32 images) cost its page faults every time, and
-    above glibc's mmap threshold an mmap and munmap too: about a sixth of the server's throughput."""
+    at a time). A fresh array per batch cost its page faults every time, and above glibc's mmap
+    threshold an mmap and munmap too: a good part of the server's throughput (docs/performance.md)."""
     buffer: np.ndarray | None = getattr(_thread, "input", None)
     if buffer is None or len(buffer) < n:
         buffer = _thread.input = np.empty((n, 3, INPUT_SIZE, INPUT_SIZE), dtype=np.float32)

@@ -1,4 +1,5 @@
-"""The gRPC server's connection limits: idle and age limits, keepalive pings, ping enforcement.
+"""The gRPC server's connection limits: idle and age limits, keepalive pings, ping enforcement,
+calls open at once.
 
 gRPC's own defaults keep a connection forever (no idle or age limit), ping a silent peer only
 after 2 hours and wait a minute for the answer, and refuse client pings more often than every 5
@@ -14,6 +15,14 @@ from mobiserve.server.config import ServerConfig
 # A connection must finish its TLS and HTTP/2 handshake in this time (gRPC's default: 120 s).
 # A real client takes milliseconds; a socket that connects and sends nothing is closed quickly.
 HANDSHAKE_TIMEOUT_S = 10.0
+# Calls open at once on one connection (HTTP/2 SETTINGS_MAX_CONCURRENT_STREAMS; gRPC's default:
+# unlimited). gRPC core counts a stream until the server has let go of its call, so a client that
+# opens streams and resets them at once (HTTP/2 "rapid reset") holds at most this many: core
+# refuses the rest (RST_STREAM REFUSED_STREAM) before they cost the event loop anything. Streams
+# the server is still letting go of count too, and gRPC's Python client does not retry a refused
+# stream: so the limit sits well above what one connection of a well-behaved client runs (256 let
+# a client with 200 calls in flight see a refusal now and then).
+MAX_STREAMS_PER_CONNECTION = 1024
 
 
 def connection_options(config: ServerConfig) -> list[tuple[str, int]]:
@@ -21,6 +30,7 @@ def connection_options(config: ServerConfig) -> list[tuple[str, int]]:
     c = config
     options = [
         ("grpc.server_handshake_timeout_ms", _ms(HANDSHAKE_TIMEOUT_S)),
+        ("grpc.max_concurrent_streams", MAX_STREAMS_PER_CONNECTION),
         # server pings: how a peer that vanished without closing (half-open) is found
         ("grpc.keepalive_time_ms", _ms(c.keepalive_time_s)),
         ("grpc.keepalive_timeout_ms", _ms(c.keepalive_timeout_s)),

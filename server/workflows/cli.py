@@ -31,6 +31,7 @@ METHODS = ("minmax", "entropy", "percentile")
 FORMATS = ("qdq", "qoperator")
 ACTIVATIONS = ("u8", "s8")
 KEEP_FLOAT = ("first-conv", "classifier")
+EVALUATE_BATCH_SIZES = [1, 8, 16, 32]
 
 # The card's table (ONNX model zoo, MobileNetV2-1.0 vs its int8, ImageNet validation, Xeon 8280, batch 1).
 CARD_FP32, CARD_INT8, CARD_SPEEDUP = (0.6948, 0.8926), (0.6830, 0.8844), 1.05
@@ -51,12 +52,16 @@ def register(sub: Subcommands) -> None:
         "--batch-size",
         type=int,
         nargs="+",
-        default=[1, 8, 16, 32],
+        default=EVALUATE_BATCH_SIZES,
         metavar="N",
-        help="batch sizes to time side by side (accuracy runs at the largest)",
+        help="batch sizes to time side by side; accuracy runs at the largest "
+        f"(default: {' '.join(map(str, EVALUATE_BATCH_SIZES))})",
     )
     p.add_argument(
-        "--rounds", type=int, default=20, help="timing rounds, each running every batch size once (0: accuracy only)"
+        "--rounds",
+        type=int,
+        default=20,
+        help="timing rounds, each running every batch size once (default: %(default)s; 0: accuracy only)",
     )
     p.add_argument(
         "--decode",
@@ -75,7 +80,8 @@ def register(sub: Subcommands) -> None:
         type=int,
         default=100,
         metavar="N",
-        help="images to calibrate on, spread over the folder; the rest are held out for the comparison",
+        help="images to calibrate on, spread over the folder; the rest are held out for the comparison "
+        "(default: %(default)s)",
     )
     q.add_argument(
         "--eval",
@@ -113,8 +119,12 @@ def register(sub: Subcommands) -> None:
         help=f"leave a part in float: {' or '.join(KEEP_FLOAT)}; repeat for both (default: none)",
     )
     _common(q)
-    q.add_argument("--batch-size", type=int, default=32, metavar="N", help="batch size of the comparison runs")
-    q.add_argument("--rounds", type=int, default=50, help="interleaved batch-1 timing runs of each model")
+    q.add_argument(
+        "--batch-size", type=int, default=32, metavar="N", help="batch size of the accuracy runs (default: %(default)s)"
+    )
+    q.add_argument(
+        "--rounds", type=int, default=50, help="interleaved batch-1 timing runs of each model (default: %(default)s)"
+    )
     q.set_defaults(func=_quantize)
 
 
@@ -122,9 +132,11 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--synsets",
         default=str(IMAGENET_SYNSETS),
-        help="labels file, '<wnid> <name>' per line in output order (default: ImageNet-1k)",
+        help="labels file, '<wnid> <name>' per line in output order (default: ImageNet-1k, shipped with mobiserve)",
     )
-    p.add_argument("--threads", type=int, default=0, help="onnxruntime intra-op threads (0: all cores)")
+    p.add_argument(
+        "--threads", type=int, default=0, help="onnxruntime intra-op threads (default %(default)s: all cores)"
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
 
 

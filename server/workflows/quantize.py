@@ -4,22 +4,21 @@ QDQ format, int8 weights per output channel, uint8 activations whose ranges come
 (KL-divergence) calibration, on images preprocessed by the server's own code, so the ranges are
 those the served model will see.
 
-Why these defaults (the grid in docs/model-card.md, made by scripts/quantize-grid.py: fp32
-stand-in, 100 calibration images, judged by top-1 agreement with the fp32 model on the 415 other
-sample images and the 1245 re-encodes of them):
+Why these defaults (the grid in docs/model-card.md, made by scripts/quantize-grid.py, judges
+options by top-1 agreement with the fp32 model on images outside the calibration set):
 - the calibration method matters most: MinMax ranges reach the rare extremes of each activation
-  and waste levels on them (92% agreement); entropy and percentile 99.95-99.99 clip those and
-  agree on about 96%, as fast (entropy came first over all the held-out inputs, by a hair);
+  and waste levels on them; entropy and percentile ranges clip those, agree far better and cost
+  the same (entropy came first over all the held-out inputs, by a hair);
 - per-channel weights: MobileNetV2's depthwise filters differ in range by orders of magnitude,
-  and one scale per tensor crushes the small ones (86% agreement);
-- uint8 activations (U8S8): onnxruntime's x86 kernels run int8 activations (S8S8) about 1.8x
-  slower here, and symmetric ranges 1.8-3x slower, for no better agreement;
-- QDQ rather than QOperator: as fast, and QOperator lost 1-12 points of agreement with the
-  clipped ranges (its fused ops requantize differently);
+  and one scale per tensor crushes the small ones;
+- uint8 activations (U8S8): onnxruntime's x86 kernels run int8 (S8S8) and symmetric activations
+  much slower here, for no better agreement;
+- QDQ rather than QOperator: as fast, and QOperator agreed less with clipped ranges (its fused
+  ops requantize differently);
 - the scores (the ops that write the model's outputs) stay float: quantized to 256 levels they
-  tie and clip among the top classes, which cost the entropy method 12 points of top-1. Keeping
+  tie and clip among the top classes, which cost the entropy method most of its top-1. Keeping
   the first convolution or the whole classifier float as well changed agreement by less than
-  its noise and cost up to 9% at batch 16.
+  its noise and cost time at batch 16.
 """
 
 from __future__ import annotations
@@ -213,9 +212,9 @@ def _extra_options(options: QuantizeOptions, score_ops: list[str]) -> dict[str, 
     """Float scores (see the module's docstring), and a memory bound for calibration.
 
     MinMax reduces each activation to its range inside the calibration graph, so it is cheap in
-    memory. The histogram methods keep every activation of every image until the end (~60 MB an
-    image for MobileNetV2, 6 GB for 100 images): feeding them in strides of one image keeps memory
-    flat. (Without strides, onnxruntime 1.32 also wrote a model byte-identical to MinMax's here.)"""
+    memory. The histogram methods keep every activation of every image until the end (gigabytes
+    for 100 images, docs/model-card.md): feeding them in strides of one image keeps memory flat.
+    (Without strides, onnxruntime 1.32 also wrote a model byte-identical to MinMax's here.)"""
     extra: dict[str, object] = {
         "OpTypesToExcludeOutputQuantization": score_ops,
         "ActivationSymmetric": options.symmetric_activations,

@@ -5,9 +5,9 @@ The Open Inference Protocol (KServe v2 gRPC), as mobiserve serves it.
 
 Written from the published protocol specification (the KServe / Open Inference Protocol gRPC
 definition) and, for the RPCs Triton's tools also need (ModelStreamInfer, ModelConfig,
-ModelStatistics), from Triton's published protocol extensions. The package, service, message
-and field names and numbers are the protocol's: wire compatibility with tritonclient,
-perf_analyzer and KServe clients is the point, so never renumber or rename anything here.
+ModelStatistics, RepositoryIndex), from Triton's published protocol extensions. The package,
+service, message and field names and numbers are the protocol's: wire compatibility with
+tritonclient, perf_analyzer and KServe clients is the point, so never renumber or rename anything.
 
 Only what mobiserve serves is declared: messages and fields left out are skipped by protobuf
 as unknown fields, and RPCs left out answer UNIMPLEMENTED. docs/oip.md lists what is left out.
@@ -1077,26 +1077,102 @@ class ModelOutput(_message.Message):
 Global___ModelOutput: _TypeAlias = ModelOutput  # noqa: Y015
 
 @_typing.final
+class ModelQueuePolicy(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    class _TimeoutAction:
+        ValueType = _typing.NewType("ValueType", _builtins.int)
+        V: _TypeAlias = ValueType  # noqa: Y015
+
+    class _TimeoutActionEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[ModelQueuePolicy._TimeoutAction.ValueType], _builtins.type):
+        DESCRIPTOR: _descriptor.EnumDescriptor
+        REJECT: ModelQueuePolicy._TimeoutAction.ValueType  # 0
+        DELAY: ModelQueuePolicy._TimeoutAction.ValueType  # 1
+
+    class TimeoutAction(_TimeoutAction, metaclass=_TimeoutActionEnumTypeWrapper): ...
+    REJECT: ModelQueuePolicy.TimeoutAction.ValueType  # 0
+    DELAY: ModelQueuePolicy.TimeoutAction.ValueType  # 1
+
+    TIMEOUT_ACTION_FIELD_NUMBER: _builtins.int
+    DEFAULT_TIMEOUT_MICROSECONDS_FIELD_NUMBER: _builtins.int
+    ALLOW_TIMEOUT_OVERRIDE_FIELD_NUMBER: _builtins.int
+    MAX_QUEUE_SIZE_FIELD_NUMBER: _builtins.int
+    timeout_action: Global___ModelQueuePolicy.TimeoutAction.ValueType
+    default_timeout_microseconds: _builtins.int
+    allow_timeout_override: _builtins.bool
+    max_queue_size: _builtins.int
+    def __init__(
+        self,
+        *,
+        timeout_action: Global___ModelQueuePolicy.TimeoutAction.ValueType = ...,
+        default_timeout_microseconds: _builtins.int = ...,
+        allow_timeout_override: _builtins.bool = ...,
+        max_queue_size: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["allow_timeout_override", b"allow_timeout_override", "default_timeout_microseconds", b"default_timeout_microseconds", "max_queue_size", b"max_queue_size", "timeout_action", b"timeout_action"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ModelQueuePolicy: _TypeAlias = ModelQueuePolicy  # noqa: Y015
+
+@_typing.final
 class ModelDynamicBatching(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class PriorityQueuePolicyEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.int
+        @_builtins.property
+        def value(self) -> Global___ModelQueuePolicy: ...
+        def __init__(
+            self,
+            *,
+            key: _builtins.int = ...,
+            value: Global___ModelQueuePolicy | None = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _typing.Literal["value", b"value"]  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
 
     PREFERRED_BATCH_SIZE_FIELD_NUMBER: _builtins.int
     MAX_QUEUE_DELAY_MICROSECONDS_FIELD_NUMBER: _builtins.int
     PRESERVE_ORDERING_FIELD_NUMBER: _builtins.int
+    PRIORITY_LEVELS_FIELD_NUMBER: _builtins.int
+    DEFAULT_PRIORITY_LEVEL_FIELD_NUMBER: _builtins.int
+    DEFAULT_QUEUE_POLICY_FIELD_NUMBER: _builtins.int
+    PRIORITY_QUEUE_POLICY_FIELD_NUMBER: _builtins.int
     max_queue_delay_microseconds: _builtins.int
     preserve_ordering: _builtins.bool
+    priority_levels: _builtins.int
+    default_priority_level: _builtins.int
     @_builtins.property
     def preferred_batch_size(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
+    @_builtins.property
+    def default_queue_policy(self) -> Global___ModelQueuePolicy: ...
+    @_builtins.property
+    def priority_queue_policy(self) -> _containers.MessageMap[_builtins.int, Global___ModelQueuePolicy]: ...
     def __init__(
         self,
         *,
         preferred_batch_size: _abc.Iterable[_builtins.int] | None = ...,
         max_queue_delay_microseconds: _builtins.int = ...,
         preserve_ordering: _builtins.bool = ...,
+        priority_levels: _builtins.int = ...,
+        default_priority_level: _builtins.int = ...,
+        default_queue_policy: Global___ModelQueuePolicy | None = ...,
+        priority_queue_policy: _abc.Mapping[_builtins.int, Global___ModelQueuePolicy] | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["default_queue_policy", b"default_queue_policy"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["max_queue_delay_microseconds", b"max_queue_delay_microseconds", "preferred_batch_size", b"preferred_batch_size", "preserve_ordering", b"preserve_ordering"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["default_priority_level", b"default_priority_level", "default_queue_policy", b"default_queue_policy", "max_queue_delay_microseconds", b"max_queue_delay_microseconds", "preferred_batch_size", b"preferred_batch_size", "preserve_ordering", b"preserve_ordering", "priority_levels", b"priority_levels", "priority_queue_policy", b"priority_queue_policy"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1153,3 +1229,71 @@ class ModelConfig(_message.Message):
     def WhichOneof(self, oneof_group: _WhichOneofArgType_scheduling_choice) -> _WhichOneofReturnType_scheduling_choice | None: ...
 
 Global___ModelConfig: _TypeAlias = ModelConfig  # noqa: Y015
+
+@_typing.final
+class RepositoryIndexRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REPOSITORY_NAME_FIELD_NUMBER: _builtins.int
+    READY_FIELD_NUMBER: _builtins.int
+    repository_name: _builtins.str
+    ready: _builtins.bool
+    def __init__(
+        self,
+        *,
+        repository_name: _builtins.str = ...,
+        ready: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ready", b"ready", "repository_name", b"repository_name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RepositoryIndexRequest: _TypeAlias = RepositoryIndexRequest  # noqa: Y015
+
+@_typing.final
+class RepositoryIndexResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class ModelIndex(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        NAME_FIELD_NUMBER: _builtins.int
+        VERSION_FIELD_NUMBER: _builtins.int
+        STATE_FIELD_NUMBER: _builtins.int
+        REASON_FIELD_NUMBER: _builtins.int
+        name: _builtins.str
+        version: _builtins.str
+        state: _builtins.str
+        reason: _builtins.str
+        def __init__(
+            self,
+            *,
+            name: _builtins.str = ...,
+            version: _builtins.str = ...,
+            state: _builtins.str = ...,
+            reason: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "reason", b"reason", "state", b"state", "version", b"version"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    MODELS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def models(self) -> _containers.RepeatedCompositeFieldContainer[Global___RepositoryIndexResponse.ModelIndex]: ...
+    def __init__(
+        self,
+        *,
+        models: _abc.Iterable[Global___RepositoryIndexResponse.ModelIndex] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["models", b"models"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RepositoryIndexResponse: _TypeAlias = RepositoryIndexResponse  # noqa: Y015

@@ -5,9 +5,9 @@ The Open Inference Protocol (KServe v2 gRPC), as mobiserve serves it.
 
 Written from the published protocol specification (the KServe / Open Inference Protocol gRPC
 definition) and, for the RPCs Triton's tools also need (ModelStreamInfer, ModelConfig,
-ModelStatistics), from Triton's published protocol extensions. The package, service, message
-and field names and numbers are the protocol's: wire compatibility with tritonclient,
-perf_analyzer and KServe clients is the point, so never renumber or rename anything here.
+ModelStatistics, RepositoryIndex), from Triton's published protocol extensions. The package,
+service, message and field names and numbers are the protocol's: wire compatibility with
+tritonclient, perf_analyzer and KServe clients is the point, so never renumber or rename anything.
 
 Only what mobiserve serves is declared: messages and fields left out are skipped by protobuf
 as unknown fields, and RPCs left out answer UNIMPLEMENTED. docs/oip.md lists what is left out.
@@ -56,6 +56,8 @@ class GRPCInferenceServiceStub:
     ModelConfig: _grpc.UnaryUnaryMultiCallable[_grpc_service_pb2.ModelConfigRequest, _grpc_service_pb2.ModelConfigResponse]
     """The model's configuration in Triton's model-configuration schema (the part perf_analyzer reads)."""
     ModelStatistics: _grpc.UnaryUnaryMultiCallable[_grpc_service_pb2.ModelStatisticsRequest, _grpc_service_pb2.ModelStatisticsResponse]
+    RepositoryIndex: _grpc.UnaryUnaryMultiCallable[_grpc_service_pb2.RepositoryIndexRequest, _grpc_service_pb2.RepositoryIndexResponse]
+    """The models this server serves (Triton's model repository extension; read only here)."""
 
 @_typing.type_check_only
 class GRPCInferenceServiceAsyncStub(GRPCInferenceServiceStub):
@@ -75,6 +77,8 @@ class GRPCInferenceServiceAsyncStub(GRPCInferenceServiceStub):
     ModelConfig: _aio.UnaryUnaryMultiCallable[_grpc_service_pb2.ModelConfigRequest, _grpc_service_pb2.ModelConfigResponse]  # type: ignore[assignment]
     """The model's configuration in Triton's model-configuration schema (the part perf_analyzer reads)."""
     ModelStatistics: _aio.UnaryUnaryMultiCallable[_grpc_service_pb2.ModelStatisticsRequest, _grpc_service_pb2.ModelStatisticsResponse]  # type: ignore[assignment]
+    RepositoryIndex: _aio.UnaryUnaryMultiCallable[_grpc_service_pb2.RepositoryIndexRequest, _grpc_service_pb2.RepositoryIndexResponse]  # type: ignore[assignment]
+    """The models this server serves (Triton's model repository extension; read only here)."""
 
 class GRPCInferenceServiceServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -145,5 +149,13 @@ class GRPCInferenceServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _grpc_service_pb2.ModelStatisticsRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_grpc_service_pb2.ModelStatisticsResponse, _abc.Awaitable[_grpc_service_pb2.ModelStatisticsResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def RepositoryIndex(
+        self,
+        request: _grpc_service_pb2.RepositoryIndexRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_grpc_service_pb2.RepositoryIndexResponse, _abc.Awaitable[_grpc_service_pb2.RepositoryIndexResponse]]:
+        """The models this server serves (Triton's model repository extension; read only here)."""
 
 def add_GRPCInferenceServiceServicer_to_server(servicer: GRPCInferenceServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -24,35 +24,37 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dmobiserve/v1/classifier.proto\x12\x0cmobiserve.v1\"J\n\x05Image\x12\x11\n\x07\x65ncoded\x18\x01 \x01(\x0cH\x00\x12&\n\x06tensor\x18\x02 \x01(\x0b\x32\x14.mobiserve.v1.TensorH\x00\x42\x06\n\x04\x64\x61ta\"4\n\x06Tensor\x12\r\n\x05shape\x18\x01 \x03(\x03\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"h\n\x0f\x43lassifyRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12#\n\x06images\x18\x02 \x03(\x0b\x32\x13.mobiserve.v1.Image\x12\r\n\x05top_k\x18\x03 \x01(\r\x12\x12\n\nrequest_id\x18\x04 \x01(\t\"A\n\x05\x43lass\x12\r\n\x05index\x18\x01 \x01(\x05\x12\x0c\n\x04wnid\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\r\n\x05score\x18\x04 \x01(\x02\"6\n\x0e\x43lassification\x12$\n\x07\x63lasses\x18\x01 \x03(\x0b\x32\x13.mobiserve.v1.Class\"[\n\x06Timing\x12\x10\n\x08queue_us\x18\x01 \x01(\x04\x12\x15\n\rpreprocess_us\x18\x02 \x01(\x04\x12\x14\n\x0cinference_us\x18\x03 \x01(\x04\x12\x12\n\nbatch_size\x18\x04 \x01(\r\"&\n\x05\x45rror\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\"\xae\x01\n\x10\x43lassifyResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12-\n\x07results\x18\x03 \x03(\x0b\x32\x1c.mobiserve.v1.Classification\x12$\n\x06timing\x18\x04 \x01(\x0b\x32\x14.mobiserve.v1.Timing\x12\"\n\x05\x65rror\x18\x05 \x01(\x0b\x32\x13.mobiserve.v1.Error\"\x13\n\x11ListModelsRequest\"\xd4\x02\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x12\n\nis_default\x18\x03 \x01(\x08\x12\x12\n\ninput_name\x18\x04 \x01(\t\x12\x13\n\x0binput_shape\x18\x05 \x03(\x03\x12\x13\n\x0binput_dtype\x18\x06 \x01(\t\x12\x13\n\x0boutput_name\x18\x07 \x01(\t\x12\x13\n\x0bnum_classes\x18\x08 \x01(\r\x12\x15\n\rpreprocessing\x18\t \x01(\t\x12\x16\n\x0emax_batch_size\x18\n \x01(\r\x12\x1a\n\x12max_queue_delay_ms\x18\x0b \x01(\x01\x12\x11\n\tinstances\x18\x0c \x01(\r\x12\x18\n\x10intra_op_threads\x18\r \x01(\r\x12\x0c\n\x04path\x18\x0e \x01(\t\x12\x16\n\x0emax_queue_size\x18\x0f \x01(\r\x12\x0e\n\x06sha256\x18\x10 \x01(\t\"=\n\x12ListModelsResponse\x12\'\n\x06models\x18\x01 \x03(\x0b\x32\x17.mobiserve.v1.ModelInfo2\xfd\x01\n\nClassifier\x12I\n\x08\x43lassify\x12\x1d.mobiserve.v1.ClassifyRequest\x1a\x1e.mobiserve.v1.ClassifyResponse\x12S\n\x0e\x43lassifyStream\x12\x1d.mobiserve.v1.ClassifyRequest\x1a\x1e.mobiserve.v1.ClassifyResponse(\x01\x30\x01\x12O\n\nListModels\x12\x1f.mobiserve.v1.ListModelsRequest\x1a .mobiserve.v1.ListModelsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dmobiserve/v1/classifier.proto\x12\x0cmobiserve.v1\"J\n\x05Image\x12\x11\n\x07\x65ncoded\x18\x01 \x01(\x0cH\x00\x12&\n\x06tensor\x18\x02 \x01(\x0b\x32\x14.mobiserve.v1.TensorH\x00\x42\x06\n\x04\x64\x61ta\"4\n\x06Tensor\x12\r\n\x05shape\x18\x01 \x03(\x03\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"\x92\x01\n\x0f\x43lassifyRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12#\n\x06images\x18\x02 \x03(\x0b\x32\x13.mobiserve.v1.Image\x12\r\n\x05top_k\x18\x03 \x01(\r\x12\x12\n\nrequest_id\x18\x04 \x01(\t\x12(\n\x08priority\x18\x05 \x01(\x0e\x32\x16.mobiserve.v1.Priority\"A\n\x05\x43lass\x12\r\n\x05index\x18\x01 \x01(\x05\x12\x0c\n\x04wnid\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\r\n\x05score\x18\x04 \x01(\x02\"6\n\x0e\x43lassification\x12$\n\x07\x63lasses\x18\x01 \x03(\x0b\x32\x13.mobiserve.v1.Class\"\x81\x01\n\x06Timing\x12\x10\n\x08queue_us\x18\x01 \x01(\x04\x12\x15\n\rpreprocess_us\x18\x02 \x01(\x04\x12\x14\n\x0cinference_us\x18\x03 \x01(\x04\x12\x12\n\nbatch_size\x18\x04 \x01(\r\x12$\n\x04lane\x18\x05 \x01(\x0e\x32\x16.mobiserve.v1.Priority\"&\n\x05\x45rror\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\"\xae\x01\n\x10\x43lassifyResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12-\n\x07results\x18\x03 \x03(\x0b\x32\x1c.mobiserve.v1.Classification\x12$\n\x06timing\x18\x04 \x01(\x0b\x32\x14.mobiserve.v1.Timing\x12\"\n\x05\x65rror\x18\x05 \x01(\x0b\x32\x13.mobiserve.v1.Error\"\x13\n\x11ListModelsRequest\"\xfb\x03\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x12\n\nis_default\x18\x03 \x01(\x08\x12\x12\n\ninput_name\x18\x04 \x01(\t\x12\x13\n\x0binput_shape\x18\x05 \x03(\x03\x12\x13\n\x0binput_dtype\x18\x06 \x01(\t\x12\x13\n\x0boutput_name\x18\x07 \x01(\t\x12\x13\n\x0bnum_classes\x18\x08 \x01(\r\x12\x15\n\rpreprocessing\x18\t \x01(\t\x12\x16\n\x0emax_batch_size\x18\n \x01(\r\x12\x1a\n\x12max_queue_delay_ms\x18\x0b \x01(\x01\x12\x11\n\tinstances\x18\x0c \x01(\r\x12\x18\n\x10intra_op_threads\x18\r \x01(\r\x12\x0c\n\x04path\x18\x0e \x01(\t\x12\x16\n\x0emax_queue_size\x18\x0f \x01(\r\x12\x0e\n\x06sha256\x18\x10 \x01(\t\x12\x17\n\x0fpriority_levels\x18\x11 \x01(\r\x12\x1a\n\x12interactive_levels\x18\x12 \x01(\r\x12\x1e\n\x16\x64\x65\x66\x61ult_priority_level\x18\x13 \x01(\r\x12\x1b\n\x13\x62ulk_max_queue_size\x18\x14 \x01(\r\x12\x1b\n\x13\x62ulk_max_batch_size\x18\x15 \x01(\r\x12\x16\n\x0e\x62ulk_min_share\x18\x16 \x01(\x01\"=\n\x12ListModelsResponse\x12\'\n\x06models\x18\x01 \x03(\x0b\x32\x17.mobiserve.v1.ModelInfo*Q\n\x08Priority\x12\x18\n\x14PRIORITY_UNSPECIFIED\x10\x00\x12\x18\n\x14PRIORITY_INTERACTIVE\x10\x01\x12\x11\n\rPRIORITY_BULK\x10\x02\x32\xfd\x01\n\nClassifier\x12I\n\x08\x43lassify\x12\x1d.mobiserve.v1.ClassifyRequest\x1a\x1e.mobiserve.v1.ClassifyResponse\x12S\n\x0e\x43lassifyStream\x12\x1d.mobiserve.v1.ClassifyRequest\x1a\x1e.mobiserve.v1.ClassifyResponse(\x01\x30\x01\x12O\n\nListModels\x12\x1f.mobiserve.v1.ListModelsRequest\x1a .mobiserve.v1.ListModelsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'mobiserve.v1.classifier_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_PRIORITY']._serialized_start=1392
+  _globals['_PRIORITY']._serialized_end=1473
   _globals['_IMAGE']._serialized_start=47
   _globals['_IMAGE']._serialized_end=121
   _globals['_TENSOR']._serialized_start=123
   _globals['_TENSOR']._serialized_end=175
-  _globals['_CLASSIFYREQUEST']._serialized_start=177
-  _globals['_CLASSIFYREQUEST']._serialized_end=281
-  _globals['_CLASS']._serialized_start=283
-  _globals['_CLASS']._serialized_end=348
-  _globals['_CLASSIFICATION']._serialized_start=350
-  _globals['_CLASSIFICATION']._serialized_end=404
-  _globals['_TIMING']._serialized_start=406
-  _globals['_TIMING']._serialized_end=497
-  _globals['_ERROR']._serialized_start=499
-  _globals['_ERROR']._serialized_end=537
-  _globals['_CLASSIFYRESPONSE']._serialized_start=540
-  _globals['_CLASSIFYRESPONSE']._serialized_end=714
-  _globals['_LISTMODELSREQUEST']._serialized_start=716
-  _globals['_LISTMODELSREQUEST']._serialized_end=735
-  _globals['_MODELINFO']._serialized_start=738
-  _globals['_MODELINFO']._serialized_end=1078
-  _globals['_LISTMODELSRESPONSE']._serialized_start=1080
-  _globals['_LISTMODELSRESPONSE']._serialized_end=1141
-  _globals['_CLASSIFIER']._serialized_start=1144
-  _globals['_CLASSIFIER']._serialized_end=1397
+  _globals['_CLASSIFYREQUEST']._serialized_start=178
+  _globals['_CLASSIFYREQUEST']._serialized_end=324
+  _globals['_CLASS']._serialized_start=326
+  _globals['_CLASS']._serialized_end=391
+  _globals['_CLASSIFICATION']._serialized_start=393
+  _globals['_CLASSIFICATION']._serialized_end=447
+  _globals['_TIMING']._serialized_start=450
+  _globals['_TIMING']._serialized_end=579
+  _globals['_ERROR']._serialized_start=581
+  _globals['_ERROR']._serialized_end=619
+  _globals['_CLASSIFYRESPONSE']._serialized_start=622
+  _globals['_CLASSIFYRESPONSE']._serialized_end=796
+  _globals['_LISTMODELSREQUEST']._serialized_start=798
+  _globals['_LISTMODELSREQUEST']._serialized_end=817
+  _globals['_MODELINFO']._serialized_start=820
+  _globals['_MODELINFO']._serialized_end=1327
+  _globals['_LISTMODELSRESPONSE']._serialized_start=1329
+  _globals['_LISTMODELSRESPONSE']._serialized_end=1390
+  _globals['_CLASSIFIER']._serialized_start=1476
+  _globals['_CLASSIFIER']._serialized_end=1729
 # @@protoc_insertion_point(module_scope)

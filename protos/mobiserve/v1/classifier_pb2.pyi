@@ -11,6 +11,7 @@ from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -21,6 +22,33 @@ else:
     from typing_extensions import TypeAlias as _TypeAlias, Never as _Never
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+class _Priority:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _PriorityEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Priority.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    PRIORITY_UNSPECIFIED: _Priority.ValueType  # 0
+    """the RPC's default: Classify is interactive, ClassifyStream bulk"""
+    PRIORITY_INTERACTIVE: _Priority.ValueType  # 1
+    """latency first: a caller waiting for this answer"""
+    PRIORITY_BULK: _Priority.ValueType  # 2
+    """throughput first: batches of images nobody waits on one by one"""
+
+class Priority(_Priority, metaclass=_PriorityEnumTypeWrapper):
+    """How urgently a request is served. Each model has one lane per class: a free session takes
+    interactive images before bulk ones; bulk runs in bounded batches with a guaranteed share of
+    inference time, and a stream whose bulk lane is full is not read until it has room.
+    """
+
+PRIORITY_UNSPECIFIED: Priority.ValueType  # 0
+"""the RPC's default: Classify is interactive, ClassifyStream bulk"""
+PRIORITY_INTERACTIVE: Priority.ValueType  # 1
+"""latency first: a caller waiting for this answer"""
+PRIORITY_BULK: Priority.ValueType  # 2
+"""throughput first: batches of images nobody waits on one by one"""
+Global___Priority: _TypeAlias = Priority  # noqa: Y015
 
 @_typing.final
 class Image(_message.Message):
@@ -86,12 +114,15 @@ class ClassifyRequest(_message.Message):
     IMAGES_FIELD_NUMBER: _builtins.int
     TOP_K_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
+    PRIORITY_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     """empty: the server's default model"""
     top_k: _builtins.int
     """0 means 5; at most the number of classes"""
     request_id: _builtins.str
     """echoed in the response"""
+    priority: Global___Priority.ValueType
+    """another value than these three: INVALID_ARGUMENT"""
     @_builtins.property
     def images(self) -> _containers.RepeatedCompositeFieldContainer[Global___Image]:
         """at least one"""
@@ -103,10 +134,11 @@ class ClassifyRequest(_message.Message):
         images: _abc.Iterable[Global___Image] | None = ...,
         top_k: _builtins.int = ...,
         request_id: _builtins.str = ...,
+        priority: Global___Priority.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["images", b"images", "model", b"model", "request_id", b"request_id", "top_k", b"top_k"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["images", b"images", "model", b"model", "priority", b"priority", "request_id", b"request_id", "top_k", b"top_k"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -178,6 +210,7 @@ class Timing(_message.Message):
     PREPROCESS_US_FIELD_NUMBER: _builtins.int
     INFERENCE_US_FIELD_NUMBER: _builtins.int
     BATCH_SIZE_FIELD_NUMBER: _builtins.int
+    LANE_FIELD_NUMBER: _builtins.int
     queue_us: _builtins.int
     """admitted (preprocessed) until its batch started"""
     preprocess_us: _builtins.int
@@ -186,6 +219,8 @@ class Timing(_message.Message):
     """onnxruntime run(s) of the batch(es) carrying it"""
     batch_size: _builtins.int
     """images in that batch"""
+    lane: Global___Priority.ValueType
+    """the lane that served it: INTERACTIVE or BULK"""
     def __init__(
         self,
         *,
@@ -193,10 +228,11 @@ class Timing(_message.Message):
         preprocess_us: _builtins.int = ...,
         inference_us: _builtins.int = ...,
         batch_size: _builtins.int = ...,
+        lane: Global___Priority.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_size", b"batch_size", "inference_us", b"inference_us", "preprocess_us", b"preprocess_us", "queue_us", b"queue_us"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_size", b"batch_size", "inference_us", b"inference_us", "lane", b"lane", "preprocess_us", b"preprocess_us", "queue_us", b"queue_us"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -299,6 +335,12 @@ class ModelInfo(_message.Message):
     PATH_FIELD_NUMBER: _builtins.int
     MAX_QUEUE_SIZE_FIELD_NUMBER: _builtins.int
     SHA256_FIELD_NUMBER: _builtins.int
+    PRIORITY_LEVELS_FIELD_NUMBER: _builtins.int
+    INTERACTIVE_LEVELS_FIELD_NUMBER: _builtins.int
+    DEFAULT_PRIORITY_LEVEL_FIELD_NUMBER: _builtins.int
+    BULK_MAX_QUEUE_SIZE_FIELD_NUMBER: _builtins.int
+    BULK_MAX_BATCH_SIZE_FIELD_NUMBER: _builtins.int
+    BULK_MIN_SHARE_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     version: _builtins.str
     is_default: _builtins.bool
@@ -320,6 +362,18 @@ class ModelInfo(_message.Message):
     """images; 0 = unbounded"""
     sha256: _builtins.str
     """hex SHA-256 of the model file: which build is served"""
+    priority_levels: _builtins.int
+    """Priorities (docs/serving.md): levels 1 (most urgent) .. priority_levels; levels up to
+    interactive_levels are served in the interactive lane, the others in the bulk lane.
+    """
+    interactive_levels: _builtins.int
+    default_priority_level: _builtins.int
+    """0: by RPC (Classify interactive, ClassifyStream bulk)"""
+    bulk_max_queue_size: _builtins.int
+    """images; 0 = unbounded"""
+    bulk_max_batch_size: _builtins.int
+    bulk_min_share: _builtins.float
+    """of inference time, kept by bulk work while it has some"""
     @_builtins.property
     def input_shape(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
         """-1 for the dynamic batch dimension"""
@@ -343,10 +397,16 @@ class ModelInfo(_message.Message):
         path: _builtins.str = ...,
         max_queue_size: _builtins.int = ...,
         sha256: _builtins.str = ...,
+        priority_levels: _builtins.int = ...,
+        interactive_levels: _builtins.int = ...,
+        default_priority_level: _builtins.int = ...,
+        bulk_max_queue_size: _builtins.int = ...,
+        bulk_max_batch_size: _builtins.int = ...,
+        bulk_min_share: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["input_dtype", b"input_dtype", "input_name", b"input_name", "input_shape", b"input_shape", "instances", b"instances", "intra_op_threads", b"intra_op_threads", "is_default", b"is_default", "max_batch_size", b"max_batch_size", "max_queue_delay_ms", b"max_queue_delay_ms", "max_queue_size", b"max_queue_size", "name", b"name", "num_classes", b"num_classes", "output_name", b"output_name", "path", b"path", "preprocessing", b"preprocessing", "sha256", b"sha256", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bulk_max_batch_size", b"bulk_max_batch_size", "bulk_max_queue_size", b"bulk_max_queue_size", "bulk_min_share", b"bulk_min_share", "default_priority_level", b"default_priority_level", "input_dtype", b"input_dtype", "input_name", b"input_name", "input_shape", b"input_shape", "instances", b"instances", "interactive_levels", b"interactive_levels", "intra_op_threads", b"intra_op_threads", "is_default", b"is_default", "max_batch_size", b"max_batch_size", "max_queue_delay_ms", b"max_queue_delay_ms", "max_queue_size", b"max_queue_size", "name", b"name", "num_classes", b"num_classes", "output_name", b"output_name", "path", b"path", "preprocessing", b"preprocessing", "priority_levels", b"priority_levels", "sha256", b"sha256", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -1,8 +1,8 @@
 """Open Inference Protocol tensors <-> the domain layer's inputs and scores.
 
-A model takes one of two inputs, batch dimension first: its own (`input`, FP32
-[-1, 3, 224, 224], already preprocessed) or `encoded_image` (BYTES [-1, 1]: one encoded image per
-element, preprocessed by the server as Classify does). Data comes in `raw_input_contents`
+Each face of a model (names.py) takes one input, batch dimension first: the network its own
+(`input`, FP32 [-1, 3, 224, 224], already preprocessed), the image face `encoded_image` (BYTES
+[-1, 1]: one encoded image per element, preprocessed by the server as Classify does). Data comes in `raw_input_contents`
 (what tritonclient sends) or in the typed `contents`. The one output, `output` (FP32
 [-1, num_classes], the model's raw scores), goes back in `raw_output_contents`; asked for with the
 `classification` parameter = k it is instead k BYTES strings "score:index:label" per image, most
@@ -12,14 +12,17 @@ probable first (the protocol's classification extension, scores being the output
 from __future__ import annotations
 
 import struct
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
 from mobiserve.inference import grpc_service_pb2 as pb
-from mobiserve.server.errors import InvalidInput
+from mobiserve.server.errors import InvalidInput, shown
 from mobiserve.server.serving import ImageInput, ImageScores, ModelDescription, RawTensor
+from mobiserve.server.transport.oip.names import Face, image_name
+from mobiserve.server.transport.sizes import ERROR_BYTES, FIELD, MAX_ID_BYTES, NUMBER, longest_labels
 
 ENCODED_INPUT = "encoded_image"
 CLASSIFICATION = "classification"
@@ -37,8 +40,13 @@ class Tensor:
     shape: tuple[int, ...]  # batch dimension first, -1
 
 
-def input_tensors(d: ModelDescription) -> list[Tensor]:
-    return [Tensor(d.input_name, datatype_of(d.input_dtype), d.input_shape), Tensor(ENCODED_INPUT, BYTES, (-1, 1))]
+def input_tensor(d: ModelDescription, image: bool) -> Tensor:
+    """The one input of the network (`image` False) or of its image face."""
+    return (
+        Tensor(ENCODED_INPUT, BYTES, (-1, 1))
+        if image
+        else Tensor(d.input_name, datatype_of(d.input_dtype), d.input_shape)
+    )
 
 
 def output_tensors(d: ModelDescription) -> list[Tensor]:
@@ -57,13 +65,13 @@ class Requested:
     classes: int = 0
 
 
-def images_of(request: pb.ModelInferRequest, d: ModelDescription) -> list[ImageInput]:
-    """The request's images, one per batch element, checked against the model's inputs."""
+def images_of(request: pb.ModelInferRequest, d: ModelDescription, face: Face) -> list[ImageInput]:
+    """The request's images, one per batch element, checked against the face's input."""
     if not request.inputs:
-        raise InvalidInput(f"request has no inputs; give {_expected(d)}")
+        raise InvalidInput(f"request has no inputs; give {_expected(d, face)}")
     if len(request.inputs) > 1:
         names = ", ".join(repr(t.name) for t in request.inputs)
-        raise InvalidInput(f"request has {len(request.inputs)} inputs ({names}); give one of {_expected(d)}")
+        raise InvalidInput(f"request has {len(request.inputs)} inputs ({names}); give one: {_expected(d, face)}")
     raw = request.raw_input_contents
     if raw and len(raw) != len(request.inputs):
         raise InvalidInput(f"raw_input_contents has {len(raw)} entries for {len(request.inputs)} inputs")
@@ -71,21 +79,26 @@ def images_of(request: pb.ModelInferRequest, d: ModelDescription) -> list[ImageI
     if raw and tensor.HasField("contents"):
         raise InvalidInput(f"input {tensor.name!r} has both contents and raw_input_contents; give one")
     data = raw[0] if raw else None
-    if tensor.name == d.input_name:
-        return _preprocessed(tensor, data, d)
-    if tensor.name == ENCODED_INPUT:
-        return _encoded(tensor, data)
-    raise InvalidInput(f"model {d.name!r} has no input {tensor.name!r}; give {_expected(d)}")
+    if tensor.name == input_tensor(d, face.image).name:
+        return _encoded(tensor, data) if face.image else _preprocessed(tensor, data, d)
+    hint = ""
+    if tensor.name == input_tensor(d, not face.image).name:  # the other face's input
+        hint = f"; {tensor.name!r} is the input of the model {d.name if face.image else image_name(d.name)!r}"
+    raise InvalidInput(f"model {face.name!r} has no input {tensor.name!r}; give {_expected(d, face)}{hint}")
 
 
-def requested_outputs(request: pb.ModelInferRequest, d: ModelDescription) -> list[Requested]:
+def requested_outputs(request: pb.ModelInferRequest, d: ModelDescription, face: Face) -> list[Requested]:
     """What to answer with: every output when the request names none."""
     if not request.outputs:
         return [Requested(d.output_name)]
+    # each output at most once: the answer's size (and the work of building it) stays bounded by the model's
+    name, times = Counter(output.name for output in request.outputs).most_common(1)[0]
+    if times > 1:
+        raise InvalidInput(f"output {shown(name)} is asked for {times} times; ask for each output once")
     requested = []
     for output in request.outputs:
         if output.name != d.output_name:
-            raise InvalidInput(f"model {d.name!r} has no output {output.name!r}; its output is {d.output_name!r}")
+            raise InvalidInput(f"model {face.name!r} has no output {output.name!r}; its output is {d.output_name!r}")
         classes = 0
         if CLASSIFICATION in output.parameters:
             classes = integer_parameter(output.parameters[CLASSIFICATION], CLASSIFICATION)
@@ -105,9 +118,13 @@ def integer_parameter(value: pb.InferParameter, name: str) -> int:
 
 
 def response_of(
-    request: pb.ModelInferRequest, d: ModelDescription, scores: Sequence[ImageScores], requested: Sequence[Requested]
+    request_id: str,
+    d: ModelDescription,
+    face: Face,
+    scores: Sequence[ImageScores],
+    requested: Sequence[Requested],
 ) -> pb.ModelInferResponse:
-    response = pb.ModelInferResponse(model_name=d.name, model_version=d.version, id=request.id)
+    response = pb.ModelInferResponse(model_name=face.name or d.name, model_version=d.version, id=request_id)
     for want in requested:
         if want.classes:
             shape: list[int] = [len(scores), want.classes]
@@ -126,8 +143,9 @@ def _classifications(scores: Sequence[ImageScores], k: int, d: ModelDescription)
     return b"".join(_LENGTH.pack(len(e)) + e for e in elements)
 
 
-def _expected(d: ModelDescription) -> str:
-    return " or ".join(f"{t.name!r} ({t.datatype} {list(t.shape)})" for t in input_tensors(d))
+def _expected(d: ModelDescription, face: Face) -> str:
+    t = input_tensor(d, face.image)
+    return f"{t.name!r} ({t.datatype} {list(t.shape)})"
 
 
 def _preprocessed(
@@ -175,3 +193,16 @@ def _elements(raw: bytes) -> list[bytes]:
         elements.append(bytes(view[at : at + n]))
         at += n
     return elements
+
+
+def answer_bytes(d: ModelDescription, face: Face, images: int, requested: Sequence[Requested]) -> int:
+    """At most how big the answer to a request for `images` and `requested` is (transport/sizes.py),
+    in a stream too (its wrapper and error message included)."""
+    _, name = longest_labels(d.labels)
+    # "score:index:label": a float32 printed with "%f" is at most 47 characters
+    element = _LENGTH.size + 47 + 1 + len(str(d.num_classes)) + 1 + name
+    total = 4 * FIELD + len((face.name or d.name).encode()) + len(d.version.encode()) + MAX_ID_BYTES + ERROR_BYTES
+    for want in requested:
+        total += 4 * FIELD + len(want.name.encode()) + len(BYTES) + 2 * NUMBER  # the output's metadata
+        total += FIELD + images * (want.classes * element if want.classes else d.num_classes * 4)
+    return total
