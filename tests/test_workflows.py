@@ -297,7 +297,7 @@ async def test_a_qoperator_model_serves_classify_and_the_inference_protocol(
             reply = await pb_grpc.ClassifierStub(channel).Classify(request_of(*images, model="mine"), timeout=120)
             tensor = tpb.ModelInferRequest.InferInputTensor(name="encoded_image", datatype="BYTES", shape=[4, 1])
             raw = b"".join(len(b).to_bytes(4, "little") + b for b in images)
-            request = tpb.ModelInferRequest(model_name="mine", inputs=[tensor], raw_input_contents=[raw])
+            request = tpb.ModelInferRequest(model_name="mine_image", inputs=[tensor], raw_input_contents=[raw])
             inferred = await tpb_grpc.GRPCInferenceServiceStub(channel).ModelInfer(request, timeout=120)
     finally:
         await app.stop(grace_s=5)
