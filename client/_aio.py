@@ -19,6 +19,7 @@ from mobiserve.client._errors import ModelNotFound, translated
 from mobiserve.client._images import ImageLike, image_of, is_cheap
 from mobiserve.client._options import ChannelOptions
 from mobiserve.client._results import Classification, ModelInfo, classification_of, model_info_of
+from mobiserve.client._shrink import check as check_shrink
 from mobiserve.v1 import classifier_pb2 as pb
 from mobiserve.v1 import classifier_pb2_grpc as pb_grpc
 
@@ -66,10 +67,13 @@ class AsyncClient(ClientBase):
         model: str | None = None,
         timeout: float | None = None,
         priority: Priority | None = None,
+        shrink: str | None = None,
     ) -> Classification:
         """Classify one image. `model` None: the server's default. `priority`: "interactive" or
-        "bulk" (None: the call's default, interactive). Raises a `MobiserveError`."""
-        request = self._request(await _image(image), top_k, model, uuid.uuid4().hex, priority)
+        "bulk" (None: the call's default, interactive). `shrink`: as in `Client.classify` (done in a
+        worker thread). Raises a `MobiserveError`."""
+        check_shrink(shrink)
+        request = self._request(await _image(image, shrink), top_k, model, uuid.uuid4().hex, priority)
         with translated():
             response = await self._stub.Classify(
                 request, timeout=self._timeout(timeout), wait_for_ready=self.wait_for_ready
@@ -86,6 +90,7 @@ class AsyncClient(ClientBase):
         max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
         timeout: float | None = None,
         priority: Priority | None = None,
+        shrink: str | None = None,
     ) -> AsyncIterator[Classification]:
         """`Client.classify_many` as an async generator; `images` may also be an async iterable.
 
@@ -93,6 +98,7 @@ class AsyncClient(ClientBase):
         """
         if max_in_flight < 1:
             raise ValueError(f"max_in_flight must be at least 1, got {max_in_flight}")
+        check_shrink(shrink)
         state = StreamState(ordered)
         window = asyncio.Semaphore(max_in_flight)
 
@@ -103,7 +109,7 @@ class AsyncClient(ClientBase):
                 await window.acquire()  # the backpressure: nothing is read past the window
                 try:
                     image = await anext(iterator)
-                    request = self._request(await _image(image), top_k, model, str(index), priority)
+                    request = self._request(await _image(image, shrink), top_k, model, str(index), priority)
                 except StopAsyncIteration:
                     return
                 except Exception as exc:
@@ -156,8 +162,8 @@ class AsyncClient(ClientBase):
         await self.close()
 
 
-async def _image(image: ImageLike) -> pb.Image:
-    return image_of(image) if is_cheap(image) else await asyncio.to_thread(image_of, image)
+async def _image(image: ImageLike, shrink: str | None = None) -> pb.Image:
+    return image_of(image, shrink) if is_cheap(image, shrink) else await asyncio.to_thread(image_of, image, shrink)
 
 
 async def _aiter(images: Iterable[ImageLike] | AsyncIterable[ImageLike]) -> AsyncIterator[ImageLike]:

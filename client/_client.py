@@ -15,6 +15,7 @@ from mobiserve.client._errors import ModelNotFound, translated
 from mobiserve.client._images import ImageLike, image_of
 from mobiserve.client._options import ChannelOptions
 from mobiserve.client._results import Classification, ModelInfo, classification_of, model_info_of
+from mobiserve.client._shrink import check as check_shrink
 from mobiserve.v1 import classifier_pb2 as pb
 
 
@@ -37,10 +38,14 @@ class Client(ClientBase):
         model: str | None = None,
         timeout: float | None = None,
         priority: Priority | None = None,
+        shrink: str | None = None,
     ) -> Classification:
         """Classify one image. `model` None: the server's default. `priority`: "interactive" or
-        "bulk" (None: the call's default, interactive). Raises a `MobiserveError`."""
-        request = self._request(image_of(image), top_k, model, uuid.uuid4().hex, priority)
+        "bulk" (None: the call's default, interactive). `shrink` "resize" or "crop": scale the image
+        down here, as the server would (same answer; needs Pillow; docs/client.md). Raises a
+        `MobiserveError`."""
+        check_shrink(shrink)
+        request = self._request(image_of(image, shrink), top_k, model, uuid.uuid4().hex, priority)
         with translated():
             response = self._stub.Classify(request, timeout=self._timeout(timeout), wait_for_ready=self.wait_for_ready)
         return classification_of(response)
@@ -55,6 +60,7 @@ class Client(ClientBase):
         max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
         timeout: float | None = None,
         priority: Priority | None = None,
+        shrink: str | None = None,
     ) -> Iterator[Classification]:
         """Classify many images over one ClassifyStream, up to `max_in_flight` at a time.
 
@@ -66,7 +72,9 @@ class Client(ClientBase):
         `priority`: "interactive" or "bulk" (None: the stream's default, bulk: the server serves
         it in its bulk lane, beside interactive calls, and stops reading the stream while that
         lane is full).
+        `shrink`: as in `classify`.
         """
+        check_shrink(shrink)
         state = StreamState(ordered)
         window = _Window(max_in_flight)
 
@@ -76,7 +84,7 @@ class Client(ClientBase):
             while window.acquire():  # blocks gRPC's sending thread: the backpressure
                 try:
                     image = next(iterator)
-                    request = self._request(image_of(image), top_k, model, str(index), priority)
+                    request = self._request(image_of(image, shrink), top_k, model, str(index), priority)
                 except StopIteration:
                     return
                 except Exception as exc:

@@ -24,8 +24,15 @@ ImageLike = Union[str, "os.PathLike[str]", bytes, "PILImage.Image", np.ndarray]
 """A path, encoded image bytes, a PIL image, or an array (uint8 [H, W, 3] RGB or float32 [3, 224, 224])."""
 
 
-def image_of(image: ImageLike) -> pb.Image:
-    """Blocking for paths (reads the file) and PIL images (decodes them)."""
+def image_of(image: ImageLike, shrink: str | None = None) -> pb.Image:
+    """Blocking for paths (reads the file) and PIL images (decodes them). `shrink` ("resize" or
+    "crop", see `_shrink`): send the image scaled down, as the server would scale it."""
+    if shrink is not None:
+        from mobiserve.client._shrink import shrunk
+
+        pixels = shrunk(image, shrink)
+        if pixels is not None:
+            return pb.Image(tensor=_tensor(pixels))
     if isinstance(image, (bytes, bytearray, memoryview)):
         return pb.Image(encoded=bytes(image))
     if isinstance(image, (str, os.PathLike)):
@@ -40,9 +47,9 @@ def image_of(image: ImageLike) -> pb.Image:
     )
 
 
-def is_cheap(image: ImageLike) -> bool:
+def is_cheap(image: ImageLike, shrink: str | None = None) -> bool:
     """True when converting needs no I/O or decoding, so an event loop may do it inline."""
-    return isinstance(image, (bytes, bytearray, memoryview, np.ndarray))
+    return shrink is None and isinstance(image, (bytes, bytearray, memoryview, np.ndarray))
 
 
 def _tensor(array: np.ndarray) -> pb.Tensor:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
+import importlib.util
 import json
 import sys
 import time
@@ -49,6 +50,12 @@ def register(sub: Subcommands) -> None:
     p.add_argument("images", nargs="+", metavar="IMAGE", help="image files (JPEG, PNG, WebP, BMP, GIF, TIFF)")
     p.add_argument(
         "--top-k", type=_at_least(1), default=DEFAULT_TOP_K, metavar="K", help="classes per image (default %(default)s)"
+    )
+    p.add_argument(
+        "--shrink",
+        choices=("resize", "crop"),
+        help="scale large images down here before sending, as the server would (same answer; needs Pillow): "
+        "resize to a 256-pixel shorter side, or crop to the 224x224 model input",
     )
     _add_call_options(p)
     p.set_defaults(func=_classify)
@@ -232,10 +239,13 @@ def _classify(args: argparse.Namespace) -> int:
     for path in paths:
         if not path.is_file():
             return fail(f"cannot read {path}: {'not a file' if path.exists() else 'no such file'}")
+    if args.shrink and importlib.util.find_spec("PIL") is None:
+        return fail("--shrink needs Pillow to decode and resize images here: pip install 'pillow>=13'")
     answers: list[dict[str, Any]] = []
     with _client(args) as client:
         try:
-            for path, result in zip(paths, client.classify_many(paths, top_k=args.top_k, model=args.model)):
+            results = client.classify_many(paths, top_k=args.top_k, model=args.model, shrink=args.shrink)
+            for path, result in zip(paths, results):
                 if args.json:
                     answers.append({"image": str(path), **dataclasses.asdict(result)})
                 else:

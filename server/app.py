@@ -113,13 +113,14 @@ class App:
             )
             log.info(
                 "event=model_loaded model=%s path=%s instances=%d intra_op_threads=%d lone_threads=%d "
-                "max_batch_size=%d",
+                "max_batch_size=%d decode=%s",
                 config.name,
                 config.path,
                 config.instances,
                 config.intra_op_threads,
                 config.lone_threads,
                 config.max_batch_size,
+                config.decode,
             )
         registry = ModelRegistry(served, self.config.default)
         for ready in served:

@@ -102,6 +102,12 @@ def _add_serve(sub: Subcommands) -> None:
         help=f"let onnxruntime threads spin between batches ({model('allow_spinning')})",
     )
     m.add_argument(
+        "--decode",
+        choices=("exact", "fast"),
+        help="fast: decode large JPEGs at 1/2-1/8 scale, several times cheaper and no longer bit-exact "
+        f"(docs/performance.md#large-photos; {model('decode')})",
+    )
+    m.add_argument(
         "--default-priority-level",
         type=int,
         metavar="N",
@@ -256,6 +262,7 @@ MODEL_FLAGS = {
     "intra_op_threads": "--intra-op-threads",
     "lone_threads": "--lone-threads",
     "allow_spinning": "--allow-spinning",
+    "decode": "--decode",
     "default_priority_level": "--default-priority-level",
     "bulk_max_batch_size": "--bulk-max-batch-size",
     "bulk_max_queue_size": "--bulk-max-queue-size",

@@ -21,6 +21,7 @@ TOML (paths relative to the file; docs/operations.md has a complete example):
     intra_op_threads = 1
     lone_threads = 2                # the all-core path for interactive work (runtime/model.py)
     bulk_max_batch_size = 8         # the lanes: docs/serving.md#priorities
+    decode = "exact"                # "fast": large JPEGs decoded scaled down (docs/performance.md)
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ import tomllib
 import typing
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from mobiserve.common.labels import IMAGENET_SYNSETS
 
@@ -57,6 +58,8 @@ MessageBytes = Annotated[int, Range(ge=1, le=2**31 - 1)]  # gRPC keeps the limit
 Share = Annotated[float, Range(ge=0, le=1)]
 Nice = Annotated[int, Range(ge=0, le=19)]  # added to a thread's nice value: Linux's range
 
+Decode = Literal["exact", "fast"]  # JPEG decoding: the card's, or scaled for large photos (processing/preprocess.py)
+
 
 @dataclass(frozen=True)
 class ModelConfig:
@@ -80,9 +83,12 @@ class ModelConfig:
     bulk_max_queue_size: Count = 64  # bulk lane: images waiting; a full lane stops reading streams (0 = unbounded)
     bulk_max_batch_size: AtLeastOne = 8  # images per bulk batch: what an interactive image may wait behind
     bulk_min_share: Share = 0.2  # of inference time, guaranteed to bulk work while it has some
+    decode: Decode = "exact"  # "fast": large JPEGs decoded at 1/2..1/8 scale (docs/performance.md#large-photos)
 
     def __post_init__(self) -> None:
         check_ranges(self)
+        if self.decode not in typing.get_args(Decode):
+            raise ValueError(f"decode must be one of {', '.join(typing.get_args(Decode))}, got {self.decode!r}")
         if self.interactive_levels > self.priority_levels:
             raise ValueError(
                 f"interactive_levels ({self.interactive_levels}) must be at most "

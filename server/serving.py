@@ -24,10 +24,10 @@ from mobiserve.server.config import ModelConfig
 from mobiserve.server.errors import DeadlineExceeded, InvalidInput, ModelNotFound, shown
 from mobiserve.server.processing.preprocess import (
     INPUT_SIZE,
-    PREPROCESSING,
     ImageLimits,
     preprocess_encoded,
     preprocess_tensor,
+    preprocessing,
 )
 from mobiserve.server.runtime.model import Model
 
@@ -144,7 +144,7 @@ def describe(config: ModelConfig, model: Model) -> ModelDescription:
         output_name=model.output_name,
         num_classes=model.num_classes,
         labels=model.labels,
-        preprocessing=PREPROCESSING,
+        preprocessing=preprocessing(config.decode),
         max_batch_size=config.max_batch_size,
         max_queue_delay_ms=config.max_queue_delay_ms,
         max_queue_size=config.max_queue_size,
@@ -199,7 +199,9 @@ def check_count(images: Sequence[ImageInput], max_images: int) -> None:
         raise InvalidInput(f"request has {len(images)} images; the limit is {max_images}")
 
 
-def prepare(index: int, image: ImageInput, limits: ImageLimits, deadline: float | None = None) -> np.ndarray:
+def prepare(
+    index: int, image: ImageInput, limits: ImageLimits, deadline: float | None = None, decode: str = "exact"
+) -> np.ndarray:
     """Worker thread: one image -> model input; drops expired work before spending CPU on it
     and names the image in any error."""
     if deadline is not None and time.monotonic() >= deadline:
@@ -207,7 +209,7 @@ def prepare(index: int, image: ImageInput, limits: ImageLimits, deadline: float 
     try:
         if isinstance(image, RawTensor):
             return preprocess_tensor(image.shape, image.dtype, image.data, limits)
-        return preprocess_encoded(image, limits)
+        return preprocess_encoded(image, limits, decode)
     except InvalidInput as exc:
         raise InvalidInput(f"image {index}: {exc}") from None
 
@@ -219,12 +221,17 @@ def scores_of(model: Model, items: list[np.ndarray], widen: bool = True) -> list
 
 
 def run_whole(
-    model: Model, images: Sequence[ImageInput], limits: ImageLimits, deadline: float | None = None, widen: bool = True
+    model: Model,
+    images: Sequence[ImageInput],
+    limits: ImageLimits,
+    deadline: float | None = None,
+    widen: bool = True,
+    decode: str = "exact",
 ) -> tuple[list[ImageScores], float]:
     """Worker thread: preprocess and infer one request in a single trip, with no batcher.
     Returns the scores and the seconds spent preprocessing."""
     started = time.perf_counter()
-    items = [prepare(i, image, limits, deadline) for i, image in enumerate(images)]
+    items = [prepare(i, image, limits, deadline, decode) for i, image in enumerate(images)]
     prepared = time.perf_counter() - started
     if deadline is not None and time.monotonic() >= deadline:  # expired while preprocessing
         raise DeadlineExceeded("deadline passed before inference; not run")
@@ -256,6 +263,7 @@ class ServedModel:
         self.description = describe(config, model)
         self.model = model
         self.limits = limits
+        self.decode = config.decode
         self.max_images_per_request = max_images_per_request
         self._preprocess_pools = preprocess_pools
         # one thread per batch the batcher may run at once in that lane
@@ -316,7 +324,7 @@ class ServedModel:
     async def _prepare(self, index: int, image: ImageInput, deadline: float | None, lane: int) -> np.ndarray:
         loop = asyncio.get_running_loop()
         pool = self._preprocess_pools[lane]
-        return await loop.run_in_executor(pool, prepare, index, image, self.limits, deadline)
+        return await loop.run_in_executor(pool, prepare, index, image, self.limits, deadline, self.decode)
 
     async def _run_batch(self, items: list[np.ndarray], lane: int) -> list[ImageScores]:
         loop = asyncio.get_running_loop()
@@ -327,7 +335,14 @@ class ServedModel:
     async def _run_alone(self, image: ImageInput, deadline: float | None, lane: int) -> tuple[ImageScores, float]:
         loop = asyncio.get_running_loop()
         scores, prepared_s = await loop.run_in_executor(
-            self._infer_pools[lane], run_whole, self.model, [image], self.limits, deadline, LANES[lane] == INTERACTIVE
+            self._infer_pools[lane],
+            run_whole,
+            self.model,
+            [image],
+            self.limits,
+            deadline,
+            LANES[lane] == INTERACTIVE,
+            self.decode,
         )
         return scores[0], prepared_s
 

@@ -18,13 +18,17 @@ import numpy as np
 import onnx
 import pytest
 from onnx import TensorProto, helper
+from tritonclient.grpc import service_pb2 as tpb
+from tritonclient.grpc import service_pb2_grpc as tpb_grpc
 
 from mobiserve.common.command import main
 from mobiserve.common.labels import Labels
+from mobiserve.server.processing.postprocess import rank
 from mobiserve.server.processing.preprocess import ImageLimits, preprocess_encoded
 from mobiserve.server.runtime.model import Model
 from mobiserve.server.runtime.session import SessionTuning
 from mobiserve.server.workflows.dataset import spread
+from mobiserve.server.workflows.quantize import QuantizeOptions
 from mobiserve.v1 import classifier_pb2_grpc as pb_grpc
 
 from helpers import SAMPLE, SYNSETS, model_config, request_of, start_server
@@ -151,10 +155,19 @@ def quantized(tmp_path_factory: pytest.TempPathFactory, fp32_model: Path) -> tup
 
 def test_quantize_with_defaults_loses_at_most_two_points(quantized: tuple[Path, dict[str, Any]]) -> None:
     _, result = quantized
+    defaults = QuantizeOptions()
     assert result["calibration_images"] == CALIBRATION_COUNT
-    assert result["eval_images"] == 515 - CALIBRATION_COUNT
-    assert result["per_channel"] is True and result["method"] == "minmax"
+    assert result["eval_images"] == result["labelled_eval_images"] == 515 - CALIBRATION_COUNT
+    assert result["disjoint"] is True and result["eval_left_out_as_calibration_images"] == 0
+    assert (result["method"], result["format"], result["per_channel"]) == (
+        defaults.method,
+        defaults.format,
+        defaults.per_channel,
+    )
+    assert result["options"] == defaults.describe()
     fp32, int8 = result["fp32"], result["int8"]
+    print(f"held-out agreement with fp32 {result['agreement']:.3f}")
+    assert 0.5 < result["agreement"] <= 1
     print(f"held-out top-1 fp32={fp32['top1']:.4f} int8={int8['top1']:.4f} speedup={result['speedup_batch1']:.2f}")
     assert fp32["top1"] - int8["top1"] <= 0.02
     assert result["top1_decline_ratio"] == pytest.approx((fp32["top1"] - int8["top1"]) / fp32["top1"])
@@ -186,6 +199,113 @@ async def test_quantized_model_serves(quantized: tuple[Path, dict[str, Any]], sa
     expected = local.infer([preprocess_encoded(p.read_bytes(), ImageLimits()) for p in images]).order[:, 0]
     assert reply.model == "mine"
     assert [r.classes[0].index for r in reply.results] == expected.tolist()
+
+
+def test_the_command_line_defaults_are_the_options_defaults() -> None:
+    from mobiserve.common.command import build_parser
+    from mobiserve.server.workflows.cli import quantize_options
+
+    args = build_parser().parse_args(["quantize", "m.onnx", "--calibration", "d", "--output", "o.onnx"])
+    assert quantize_options(args) == QuantizeOptions()
+    args = build_parser().parse_args(
+        [
+            "quantize",
+            "m.onnx",
+            "--calibration",
+            "d",
+            "--output",
+            "o.onnx",
+            "--format",
+            "qoperator",
+            "--method",
+            "minmax",
+            "--keep-float",
+            "classifier",
+            "--keep-float",
+            "classifier",
+            "--no-per-channel",
+        ]
+    )
+    chosen = quantize_options(args)
+    assert (chosen.format, chosen.method, chosen.keep_float, chosen.per_channel) == (
+        "qoperator",
+        "minmax",
+        ("classifier",),
+        False,
+    )
+
+
+@pytest.fixture(scope="module")
+def qoperator(
+    tmp_path_factory: pytest.TempPathFactory, fp32_model: Path, sample_images: list[Path]
+) -> tuple[Path, Run, Path]:
+    """A QOperator model calibrated on 20 images, compared on an --eval folder that holds 3 of them
+    (which must be left out), 9 other labelled images and 2 without labels."""
+    root = tmp_path_factory.mktemp("qoperator")
+    calibration, evaluation = root / "calibration", root / "eval"
+    calibration.mkdir()
+    evaluation.mkdir()
+    chosen = sample_images[::25][:20]
+    for path in chosen:
+        (calibration / path.name).symlink_to(path)
+    for path in chosen[:3]:  # the same bytes under other names: still calibration images
+        (evaluation / f"copy-{path.name}").write_bytes(path.read_bytes())
+    for path in sample_images[1::50][:9]:
+        (evaluation / path.name).symlink_to(path)
+    for i, path in enumerate(sample_images[2::100][:2]):
+        (evaluation / f"holiday-{i}.jpg").symlink_to(path)
+    output = root / "int8-qoperator.onnx"
+    run = mobiserve(
+        "quantize",
+        str(fp32_model),
+        "--calibration",
+        str(calibration),
+        "--eval",
+        str(evaluation),
+        "--output",
+        str(output),
+        "--format",
+        "qoperator",
+        "--method",
+        "minmax",
+        "--synsets",
+        str(SYNSETS),
+        "--rounds",
+        "2",
+    )
+    return output, run, evaluation
+
+
+def test_quantize_keeps_calibration_images_out_of_the_comparison(qoperator: tuple[Path, Run, Path]) -> None:
+    _, run, _ = qoperator
+    assert run.code == 0, run.stderr
+    assert "calibrated on 20 images; compared on 11 other images" in run.stdout
+    assert "none of them is a calibration image (3 --eval images left out" in run.stdout
+    assert "agreement with fp32" in run.stdout and "on 11 images (9 labelled)" in run.stdout
+
+
+async def test_a_qoperator_model_serves_classify_and_the_inference_protocol(
+    qoperator: tuple[Path, Run, Path], sample_images: list[Path]
+) -> None:
+    path, _, _ = qoperator
+    model = onnx.load(str(path))
+    assert "QLinearConv" in {n.op_type for n in model.graph.node}
+    images = [p.read_bytes() for p in sample_images[300:304]]
+    app = await start_server(model_config(path, name="mine"))
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{app.port}") as channel:
+            reply = await pb_grpc.ClassifierStub(channel).Classify(request_of(*images, model="mine"), timeout=120)
+            tensor = tpb.ModelInferRequest.InferInputTensor(name="encoded_image", datatype="BYTES", shape=[4, 1])
+            raw = b"".join(len(b).to_bytes(4, "little") + b for b in images)
+            request = tpb.ModelInferRequest(model_name="mine_image", inputs=[tensor], raw_input_contents=[raw])
+            inferred = await tpb_grpc.GRPCInferenceServiceStub(channel).ModelInfer(request, timeout=120)
+    finally:
+        await app.stop(grace_s=5)
+    local = Model(path, Labels.load(SYNSETS), SessionTuning(intra_op_threads=2))
+    expected = local.infer([preprocess_encoded(b, ImageLimits()) for b in images]).order[:, 0]
+    assert [r.classes[0].index for r in reply.results] == expected.tolist()
+    scores = np.frombuffer(inferred.raw_output_contents[0], dtype="<f4").reshape(4, -1)
+    assert rank(scores)[:, 0].tolist() == expected.tolist()
 
 
 def _tiny_model(path: Path, side: int) -> Path:

@@ -9,6 +9,14 @@ shortcut here is bit-exact with the card's Pillow pipeline:
 - only the 224x224 crop is resampled (`resize.center_crop_resize`, Pillow's arithmetic replicated);
 - images stay uint8 until a whole batch is normalised at once through a lookup table (`normalize`).
 Everything runs in a worker thread: simplejpeg, Pillow and numpy release the GIL.
+
+`decode="fast"` (opt-in, per model) gives up exactness for large JPEGs: libjpeg-turbo decodes them
+at 1/2, 1/4 or 1/8 scale in the DCT domain, the smallest of these that keeps the shorter side at
+least 256, and the card's resize and crop run from there: a phone photo then costs several times
+less (docs/performance.md#large-photos). An image whose shorter side is at most 510 is decoded at
+full size as before, so ImageNet-sized images give the same bits either way. Only power-of-two
+scales: libjpeg-turbo has SIMD kernels for those, and its 3/8..7/8 kernels were no faster than the
+next power of two here.
 """
 
 from __future__ import annotations
@@ -29,6 +37,7 @@ PREPROCESSING = (
     "decode to RGB; shorter side to 256 (Pillow bilinear); centre crop 224; /255; "
     "normalise mean (0.485, 0.456, 0.406) std (0.229, 0.224, 0.225); NCHW float32"
 )
+FAST_DECODE = "JPEG decoded at 1/2, 1/4 or 1/8 scale when the shorter side stays >= 256 (fast decode); then "
 
 # Pillow opens these lazily and can tell their size from the header alone.
 _PILLOW_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF", "MPO")
@@ -46,15 +55,29 @@ class ImageLimits:
     min_side: int = 8
 
 
-def decode(data: bytes, limits: ImageLimits) -> np.ndarray:
-    """Encoded image bytes -> uint8 RGB pixels [H, W, 3]."""
+def preprocessing(mode: str) -> str:
+    """What a model's preprocessing is, in words (ListModels)."""
+    return FAST_DECODE + PREPROCESSING if mode == "fast" else PREPROCESSING
+
+
+def decode(data: bytes, limits: ImageLimits, mode: str = "exact") -> np.ndarray:
+    """Encoded image bytes -> uint8 RGB pixels [H, W, 3]; with mode "fast", large JPEGs come out
+    scaled down (`dct_scale`)."""
     if not data:
         raise InvalidImage("empty image bytes")
+    fast = mode == "fast"
     if data[:2] == b"\xff\xd8":
-        pixels = _decode_jpeg(data, limits)
+        pixels = _decode_jpeg(data, limits, fast)
         if pixels is not None:
             return pixels
-    return _decode_pillow(data, limits)
+    return _decode_pillow(data, limits, fast)
+
+
+def dct_scale(width: int, height: int) -> int:
+    """The fast path's JPEG scale in eighths: 1, 2 or 4 when the scaled shorter side (libjpeg
+    rounds up) is still at least 256, else 8 (full size)."""
+    shorter = min(width, height)
+    return next((e for e in (1, 2, 4) if -(-shorter * e // 8) >= RESIZE_SHORTER), 8)
 
 
 def _check_size(width: int, height: int, limits: ImageLimits) -> None:
@@ -67,7 +90,7 @@ def _check_size(width: int, height: int, limits: ImageLimits) -> None:
         raise InvalidImage(f"image is {width}x{height}; both sides must be at least {limits.min_side} pixels")
 
 
-def _decode_jpeg(data: bytes, limits: ImageLimits) -> np.ndarray | None:
+def _decode_jpeg(data: bytes, limits: ImageLimits, fast: bool) -> np.ndarray | None:
     """libjpeg-turbo fast path for YCbCr and grey JPEGs (verified bit-identical to Pillow);
     None hands the rest (CMYK/YCCK, whose conversion differs by a level, odd markers) to Pillow."""
     try:
@@ -77,15 +100,23 @@ def _decode_jpeg(data: bytes, limits: ImageLimits) -> np.ndarray | None:
     if colorspace not in ("YCbCr", "Gray"):
         return None
     _check_size(width, height, limits)
+    eighths = dct_scale(width, height) if fast else 8
     try:
-        # strict: a truncated or corrupt stream is an error, not a grey-padded image
-        pixels: np.ndarray = simplejpeg.decode_jpeg(data, colorspace="RGB", strict=True)
+        # strict: a truncated or corrupt stream is an error, not a grey-padded image. simplejpeg
+        # takes the smallest scale whose size is at least the minimum: exactly `eighths` here
+        pixels: np.ndarray = simplejpeg.decode_jpeg(
+            data,
+            colorspace="RGB",
+            strict=True,
+            min_width=-(-width * eighths // 8),
+            min_height=-(-height * eighths // 8),
+        )
         return pixels
     except ValueError as exc:
         raise InvalidImage(f"corrupt or truncated JPEG: {exc}") from None
 
 
-def _decode_pillow(data: bytes, limits: ImageLimits) -> np.ndarray:
+def _decode_pillow(data: bytes, limits: ImageLimits, fast: bool) -> np.ndarray:
     try:
         image = Image.open(io.BytesIO(data))
     except Image.DecompressionBombError as exc:  # Pillow's own, looser limit, hit in the header
@@ -99,6 +130,10 @@ def _decode_pillow(data: bytes, limits: ImageLimits) -> np.ndarray:
     if image.format not in _PILLOW_FORMATS:
         raise InvalidImage(f"unsupported image format {image.format}")
     _check_size(*image.size, limits)
+    if fast and image.format in ("JPEG", "MPO") and (eighths := dct_scale(*image.size)) < 8:
+        # CMYK and the JPEGs simplejpeg declines: Pillow takes the largest scale that this size
+        # divides into the image at least `8 / eighths` times
+        image.draft(image.mode, (image.width * eighths // 8, image.height * eighths // 8))
     try:
         image.load()  # first frame of an animation / multi-page file
         return np.asarray(_to_rgb(image))
@@ -121,8 +156,8 @@ def crop(pixels: np.ndarray) -> np.ndarray:
     return center_crop_resize(pixels, shorter=RESIZE_SHORTER, size=INPUT_SIZE)
 
 
-def preprocess_encoded(data: bytes, limits: ImageLimits) -> np.ndarray:
-    return crop(decode(data, limits))
+def preprocess_encoded(data: bytes, limits: ImageLimits, mode: str = "exact") -> np.ndarray:
+    return crop(decode(data, limits, mode))
 
 
 def preprocess_tensor(shape: tuple[int, ...], dtype: str, data: bytes, limits: ImageLimits) -> np.ndarray:

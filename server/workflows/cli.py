@@ -10,6 +10,7 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -21,10 +22,16 @@ if TYPE_CHECKING:  # the workflows import onnxruntime's quantizer and numpy: onl
     from mobiserve.common.command import Subcommands
     from mobiserve.common.labels import Labels
     from mobiserve.server.runtime.model import Model
-    from mobiserve.server.workflows.evaluate import Accuracy, Skipped
+    from mobiserve.server.workflows.dataset import LabelledImage
+    from mobiserve.server.workflows.evaluate import Scored, Skipped
+    from mobiserve.server.workflows.quantize import QuantizeOptions
 
+# quantize.py maps these to onnxruntime's (named here so that building the parser imports nothing)
 METHODS = ("minmax", "entropy", "percentile")
-EVALUATE_BATCH_SIZES = [1, 8, 16, 32]  # quantize.METHODS maps them to onnxruntime's
+FORMATS = ("qdq", "qoperator")
+ACTIVATIONS = ("u8", "s8")
+KEEP_FLOAT = ("first-conv", "classifier")
+EVALUATE_BATCH_SIZES = [1, 8, 16, 32]
 
 # The card's table (ONNX model zoo, MobileNetV2-1.0 vs its int8, ImageNet validation, Xeon 8280, batch 1).
 CARD_FP32, CARD_INT8, CARD_SPEEDUP = (0.6948, 0.8926), (0.6830, 0.8844), 1.05
@@ -56,19 +63,18 @@ def register(sub: Subcommands) -> None:
         default=20,
         help="timing rounds, each running every batch size once (default: %(default)s; 0: accuracy only)",
     )
+    p.add_argument(
+        "--decode",
+        choices=("exact", "fast"),
+        default="exact",
+        help="JPEG decoding as `mobiserve serve --decode` does it (fast: large JPEGs at 1/2-1/8 scale)",
+    )
     p.set_defaults(func=_evaluate)
 
     q = sub.add_parser("quantize", help="int8 static quantization of an fp32 model, then the card's comparison")
     q.add_argument("model", metavar="FP32_MODEL", help="fp32 ONNX model file")
     q.add_argument("--calibration", required=True, metavar="DIR", help="folder of calibration images")
     q.add_argument("--output", required=True, metavar="INT8_MODEL", help="where to write the int8 model")
-    q.add_argument(
-        "--per-channel",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="one weight scale per output channel (needs opset 13; older models are upgraded; default: on)",
-    )
-    q.add_argument("--method", choices=METHODS, default="minmax", help="calibration method (default: %(default)s)")
     q.add_argument(
         "--calibration-count",
         type=int,
@@ -77,7 +83,41 @@ def register(sub: Subcommands) -> None:
         help="images to calibrate on, spread over the folder; the rest are held out for the comparison "
         "(default: %(default)s)",
     )
-    q.add_argument("--eval", metavar="DIR", help="labelled images to compare on, instead of the held-out ones")
+    q.add_argument(
+        "--eval",
+        metavar="DIR",
+        help="images to compare on, instead of the held-out ones (any that are calibration images are left out)",
+    )
+    o = q.add_argument_group(
+        "quantization",
+        "the defaults agreed best with fp32 among options as fast as the zoo's int8 (docs/model-card.md)",
+    )
+    o.add_argument("--format", choices=FORMATS, default=None, help="QDQ nodes or QOperator ops (default: qdq)")
+    o.add_argument("--method", choices=METHODS, default=None, help="calibration method (default: entropy)")
+    o.add_argument(
+        "--percentile", type=float, default=None, help="with --method percentile: the range kept (default: 99.99)"
+    )
+    o.add_argument(
+        "--per-channel",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="one weight scale per output channel (needs opset 13; older models are upgraded; default: on)",
+    )
+    o.add_argument("--activations", choices=ACTIVATIONS, default=None, help="activation type (default: u8)")
+    o.add_argument(
+        "--symmetric-activations",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="activation ranges symmetric around 0 (default: off)",
+    )
+    o.add_argument(
+        "--keep-float",
+        action="append",
+        choices=KEEP_FLOAT,
+        default=None,
+        metavar="PART",
+        help=f"leave a part in float: {' or '.join(KEEP_FLOAT)}; repeat for both (default: none)",
+    )
     _common(q)
     q.add_argument(
         "--batch-size", type=int, default=32, metavar="N", help="batch size of the accuracy runs (default: %(default)s)"
@@ -138,7 +178,9 @@ def _evaluate(args: argparse.Namespace) -> int:
     except (DatasetError, ModelLoadError, ValueError, OSError) as exc:
         return fail(str(exc))
     sizes = sorted(set(args.batch_size))
-    scored = ev.score([model], images, batch_size=sizes[-1], threads=available_cores(), keep=sizes[-1])
+    scored = ev.score(
+        [model], images, batch_size=sizes[-1], threads=available_cores(), keep=sizes[-1], decode=args.decode
+    )
     _report_skipped(scored.skipped)
     accuracy = scored.accuracy[0]
     if accuracy.count == 0:
@@ -151,6 +193,7 @@ def _evaluate(args: argparse.Namespace) -> int:
         "skipped": len(scored.skipped),
         "model": args.model,
         "images": args.images,
+        "decode": args.decode,
         "intra_op_threads": model.tuning.intra_op_threads,
     }
     if speed:
@@ -168,7 +211,7 @@ def _evaluate(args: argparse.Namespace) -> int:
         return 0
     print(
         f"{Path(args.model).name} on {accuracy.count} images from {args.images}: "
-        f"top-1 {accuracy.top1:.2%}  top-5 {accuracy.top5:.2%}"
+        f"top-1 {accuracy.top1:.2%}  top-5 {accuracy.top5:.2%}" + ("  (fast decode)" if args.decode == "fast" else "")
     )
     if speed:
         per_size = ", ".join(f"batch {k}: {v:.0f}" for k, v in speed.throughput.items())
@@ -193,19 +236,13 @@ def _quantize(args: argparse.Namespace) -> int:
     from mobiserve.server.errors import ModelLoadError
     from mobiserve.server.processing.preprocess import ImageLimits
     from mobiserve.server.workflows import evaluate as ev
-    from mobiserve.server.workflows.dataset import DatasetError, labelled, labelled_images, scan, spread
-    from mobiserve.server.workflows.quantize import (
-        QuantizeError,
-        QuantizeOptions,
-        check_float_model,
-        first_line,
-        quantize,
-    )
+    from mobiserve.server.workflows.quantize import QuantizeError, check_float_model, first_line, quantize
 
     if args.calibration_count < 1:
         return fail("--calibration-count must be at least 1")
     output = Path(args.output)
     try:
+        options = quantize_options(args)
         labels = Labels.load(args.synsets)
         check_float_model(args.model)
         fp32 = _load(args.model, labels, args.threads)
@@ -213,21 +250,14 @@ def _quantize(args: argparse.Namespace) -> int:
             raise QuantizeError("--output must differ from the fp32 model")
         if not output.parent.is_dir():
             raise QuantizeError(f"cannot write {output}: folder {output.parent} does not exist")
-        folder = scan(args.calibration, labels)
-        if not folder.files:
-            raise DatasetError(f"no images in calibration folder {args.calibration} (JPEG, PNG, WebP, BMP, GIF, TIFF)")
-        picked = set(spread(args.calibration_count, len(folder.files)))
-        calibration = [f for i, f in enumerate(folder.files) if i in picked]
-        held_out = [f for i, f in enumerate(folder.files) if i not in picked]
-        compare_on = labelled_images(args.eval, labels) if args.eval else labelled(folder, held_out)
-    except (DatasetError, QuantizeError, ModelLoadError, ValueError, OSError) as exc:
+        sets = _image_sets(args, labels)
+    except (QuantizeError, ModelLoadError, ValueError, OSError) as exc:
         return fail(str(exc))
 
     threads = available_cores()
-    loaded = [c for _, c in ev.read_crops(calibration, threads, ImageLimits(), 2 * threads, "reading")]
+    loaded = [c for _, c in ev.read_crops(sets.calibration, threads, ImageLimits(), 2 * threads, "reading")]
     crops = [c for c in loaded if isinstance(c, np.ndarray)]
     _report_skipped([c for c in loaded if isinstance(c, ev.Skipped)])
-    options = QuantizeOptions(per_channel=args.per_channel, method=args.method)
     try:
         quantize(args.model, fp32.input_name, crops, output, options)
         int8 = _load(str(output), labels, args.threads)
@@ -236,45 +266,106 @@ def _quantize(args: argparse.Namespace) -> int:
     except Exception as exc:  # onnxruntime's quantizer raises assorted types on models it cannot handle
         return fail(f"quantization failed: {first_line(exc)}")
 
-    accuracy = None
+    scored = None
     sample = crops
-    if compare_on:
-        scored = ev.score([fp32, int8], compare_on, args.batch_size, threads, keep=1)
+    if sets.compare:
+        scored = ev.score([fp32, int8], sets.compare, args.batch_size, threads, keep=1)
         _report_skipped(scored.skipped)
-        accuracy, sample = scored.accuracy, scored.samples or crops
+        sample = scored.samples or crops
     else:
-        _note(f"no labelled held-out images to compare accuracy on; pass --eval DIR ({output} is written)")
+        _note(f"no images left to compare on; pass --eval DIR ({output} is written)")
     medians = ev.interleaved_medians(
         {"fp32": lambda: fp32.infer(sample[:1]), "int8": lambda: int8.infer(sample[:1])}, args.rounds
     )
-    result = _comparison(args, len(crops), accuracy, medians)
+    result = _comparison(args, options, len(crops), sets, scored, medians)
     print(json.dumps(result) if args.json else _table(result))
     return 0
 
 
+def quantize_options(args: argparse.Namespace) -> QuantizeOptions:
+    """The options given, the defaults for the rest."""
+    from mobiserve.server.workflows.quantize import QuantizeOptions
+
+    given = {
+        "format": args.format,
+        "method": args.method,
+        "percentile": args.percentile,
+        "per_channel": args.per_channel,
+        "activations": args.activations,
+        "symmetric_activations": args.symmetric_activations,
+        "keep_float": None if args.keep_float is None else tuple(dict.fromkeys(args.keep_float)),
+    }
+    return QuantizeOptions(**{k: v for k, v in given.items() if v is not None})
+
+
+@dataclass(frozen=True)
+class _ImageSets:
+    """Calibration images and the images the models are compared on: never the same image."""
+
+    calibration: list[Path]
+    compare: list[LabelledImage]  # label -1: unlabelled, compared for agreement only
+    source: str  # where the compared images come from, for people
+    left_out: int  # --eval images left out because they are calibration images too
+
+
+def _image_sets(args: argparse.Namespace, labels: Labels) -> _ImageSets:
+    from mobiserve.server.workflows.dataset import DatasetError, every_image, same_files, scan, spread
+
+    folder = scan(args.calibration, labels)
+    if not folder.files:
+        raise DatasetError(f"no images in calibration folder {args.calibration} (JPEG, PNG, WebP, BMP, GIF, TIFF)")
+    picked = set(spread(args.calibration_count, len(folder.files)))
+    calibration = [f for i, f in enumerate(folder.files) if i in picked]
+    if not args.eval:
+        held_out = [f for i, f in enumerate(folder.files) if i not in picked]
+        return _ImageSets(calibration, every_image(folder, held_out), "held out of the calibration folder", 0)
+    other = scan(args.eval, labels)
+    if not other.files:
+        raise DatasetError(f"no images in --eval folder {args.eval}")
+    repeated = same_files(calibration, other.files)
+    kept = [f for f in other.files if f not in repeated]
+    return _ImageSets(calibration, every_image(other, kept), args.eval, len(repeated))
+
+
 def _comparison(
-    args: argparse.Namespace, calibrated: int, accuracy: Sequence[Accuracy] | None, medians: dict[str, float]
+    args: argparse.Namespace,
+    options: QuantizeOptions,
+    calibrated: int,
+    sets: _ImageSets,
+    scored: Scored | None,
+    medians: dict[str, float],
 ) -> dict[str, object]:
-    """The card's figures as one dict: accuracy of each model, decline ratios, batch-1 speed-up."""
+    """The card's figures as one dict: agreement and accuracy of each model, decline ratios, batch-1 speed-up."""
     from mobiserve.server.runtime.session import default_intra_op_threads
 
+    accuracy = scored.accuracy if scored else None
     result: dict[str, object] = {
         "output": args.output,
-        "method": args.method,
-        "per_channel": args.per_channel,
+        "options": options.describe(),
+        "format": options.format,
+        "method": options.method,
+        "per_channel": options.per_channel,
+        "activations": options.activations,
+        "symmetric_activations": options.symmetric_activations,
+        "keep_float": list(options.keep_float),
         "calibration_images": calibrated,
-        "eval_images": accuracy[0].count if accuracy else 0,
-        "eval_source": args.eval or "held-out",
+        "eval_images": len(scored.top1[0]) if scored else 0,
+        "labelled_eval_images": accuracy[0].count if accuracy else 0,
+        "eval_source": sets.source,
+        "disjoint": True,  # by construction (_image_sets); said so on stdout
+        "eval_left_out_as_calibration_images": sets.left_out,
         "intra_op_threads": args.threads or default_intra_op_threads(1),
         "timing_rounds": max(args.rounds, 1),
         "speedup_batch1": medians["fp32"] / medians["int8"],
     }
+    if scored:
+        result["agreement"] = scored.agreement(0, 1)
     for i, (name, path) in enumerate((("fp32", args.model), ("int8", args.output))):
         entry: dict[str, object] = {"model": path, "latency_ms_batch1": medians[name] * 1000}
-        if accuracy:
+        if accuracy and accuracy[i].count:
             entry.update(top1=accuracy[i].top1, top5=accuracy[i].top5)
         result[name] = entry
-    if accuracy:
+    if accuracy and accuracy[0].count:
         before, after = accuracy
         result["top1_decline_ratio"] = (before.top1 - after.top1) / before.top1 if before.top1 else 0.0
         result["top5_decline_ratio"] = (before.top5 - after.top5) / before.top5 if before.top5 else 0.0
@@ -284,30 +375,38 @@ def _comparison(
 def _table(r: dict[str, object]) -> str:
     fp32, int8 = r["fp32"], r["int8"]
     assert isinstance(fp32, dict) and isinstance(int8, dict)
-    kind = "per-channel" if r["per_channel"] else "per-tensor"
     lines = [
-        f"wrote {r['output']}: QDQ, {kind} int8 weights, uint8 activations, "
-        f"{r['method']} calibration on {r['calibration_images']} images",
+        f"wrote {r['output']}: {r['options']}",
+        f"calibrated on {r['calibration_images']} images; compared on {r['eval_images']} other images "
+        f"({r['eval_source']}): none of them is a calibration image"
+        + (
+            f" ({r['eval_left_out_as_calibration_images']} --eval images left out: they are calibration images)"
+            if r["eval_left_out_as_calibration_images"]
+            else ""
+        ),
         "",
-        "| model | top-1 | top-5 | latency, batch 1 |",
-        "|---|---|---|---|",
+        "| model | top-1 | top-5 | agreement with fp32 (top-1) | latency, batch 1 |",
+        "|---|---|---|---|---|",
     ]
     for name, entry in (("fp32", fp32), ("int8", int8)):
         top = f"{entry['top1']:.2%} | {entry['top5']:.2%}" if "top1" in entry else "- | -"
-        lines.append(f"| {name} {Path(str(entry['model'])).name} | {top} | {entry['latency_ms_batch1']:.2f} ms |")
+        agree = "" if "agreement" not in r else "(the reference)" if name == "fp32" else f"{r['agreement']:.2%}"
+        lines.append(
+            f"| {name} {Path(str(entry['model'])).name} | {top} | {agree} | {entry['latency_ms_batch1']:.2f} ms |"
+        )
     lines.append("")
-    where = (
-        f"on {r['eval_images']} images ({r['eval_source']})"
-        if r["eval_images"]
-        else "(no labelled images to compare on)"
-    )
+    if "agreement" in r:
+        labelled = f" ({r['labelled_eval_images']} labelled)" if r["labelled_eval_images"] != r["eval_images"] else ""
+        where = f"on {r['eval_images']} images{labelled}: the same top-1 class on {r['agreement']:.2%};"
+    else:
+        where = "(no images to compare on):"
     decline = (
         f"top-1 decline ratio {r['top1_decline_ratio']:.2%}, top-5 decline ratio {r['top5_decline_ratio']:.2%}, "
         if "top1_decline_ratio" in r
         else ""
     )
     lines.append(
-        f"int8 vs fp32 {where}: {decline}int8 {r['speedup_batch1']:.2f}x faster at batch 1 "
+        f"int8 vs fp32 {where} {decline}int8 {r['speedup_batch1']:.2f}x faster at batch 1 "
         f"(medians of {r['timing_rounds']} interleaved runs, {r['intra_op_threads']} intra-op threads)"
     )
     (c1, c5), (q1, q5) = CARD_FP32, CARD_INT8

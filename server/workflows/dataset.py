@@ -8,6 +8,7 @@ model's output indices, and only wnids the synsets file lists count as labels.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,7 +23,7 @@ class DatasetError(ValueError):
 @dataclass(frozen=True)
 class LabelledImage:
     path: Path
-    label: int  # index into the model's outputs
+    label: int  # index into the model's outputs; -1: unknown (counts for agreement between models only)
 
 
 @dataclass(frozen=True)
@@ -50,6 +51,11 @@ def labelled(images: ImageFolder, paths: list[Path] | None = None) -> list[Label
     ]
 
 
+def every_image(images: ImageFolder, paths: list[Path]) -> list[LabelledImage]:
+    """All of `paths`, labelled or not (-1), in order: what models can be compared on."""
+    return [LabelledImage(p, images.labelled.get(p, -1)) for p in paths]
+
+
 def labelled_images(folder: str | Path, labels: Labels) -> list[LabelledImage]:
     """The labelled images of a folder; an error when there are none."""
     images = scan(folder, labels)
@@ -59,6 +65,32 @@ def labelled_images(folder: str | Path, labels: Labels) -> list[LabelledImage]:
             f"or put them in <wnid>/ folders, with wnids from the synsets file"
         )
     return labelled(images)
+
+
+def same_files(chosen: list[Path], others: list[Path]) -> set[Path]:
+    """The files of `others` that are one of `chosen`: the same file, or the same bytes elsewhere.
+    Only files of a size some chosen file has are read."""
+    by_size: dict[int, list[Path]] = {}
+    for path in chosen:
+        by_size.setdefault(path.stat().st_size, []).append(path)
+    if not by_size:
+        return set()
+    resolved = {p.resolve() for p in chosen}
+    digests: dict[Path, str] = {}
+
+    def digest(path: Path) -> str:
+        if path not in digests:
+            digests[path] = hashlib.sha256(path.read_bytes()).hexdigest()
+        return digests[path]
+
+    same = set()
+    for path in others:
+        if path.resolve() in resolved:
+            same.add(path)
+        elif candidates := by_size.get(path.stat().st_size):
+            if any(digest(path) == digest(c) for c in candidates):
+                same.add(path)
+    return same
 
 
 def spread(count: int, total: int) -> list[int]:

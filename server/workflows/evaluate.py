@@ -46,14 +46,19 @@ class Skipped:
 
 @dataclass
 class _Tally:
+    """Counts over the labelled images (label >= 0); the top-1 class of every image."""
+
     top1: int = 0
     top5: int = 0
     count: int = 0
+    predicted: list[np.ndarray] = field(default_factory=list)
 
     def add(self, order: np.ndarray, labels: np.ndarray) -> None:
-        self.top1 += int((order[:, 0] == labels).sum())
-        self.top5 += int((order[:, :5] == labels[:, None]).any(axis=1).sum())
-        self.count += len(labels)
+        known = labels >= 0
+        self.top1 += int((order[known, 0] == labels[known]).sum())
+        self.top5 += int((order[known, :5] == labels[known, None]).any(axis=1).sum())
+        self.count += int(known.sum())
+        self.predicted.append(order[:, 0])
 
     def accuracy(self) -> Accuracy:
         n = max(self.count, 1)
@@ -67,6 +72,12 @@ class Scored:
     accuracy: list[Accuracy]
     samples: list[np.ndarray]
     skipped: list[Skipped] = field(default_factory=list)
+    top1: list[np.ndarray] = field(default_factory=list)  # per model: the top-1 class of each image read
+
+    def agreement(self, a: int = 0, b: int = 1) -> float:
+        """Share of the images read on which models `a` and `b` give the same top-1 class."""
+        same = self.top1[a] == self.top1[b]
+        return float(same.mean()) if len(same) else 0.0
 
 
 def ordered_map(pool: ThreadPoolExecutor, fn: Callable[[T], R], items: Iterable[T], ahead: int) -> Iterator[R]:
@@ -80,20 +91,20 @@ def ordered_map(pool: ThreadPoolExecutor, fn: Callable[[T], R], items: Iterable[
         yield pending.popleft().result()
 
 
-def load_crop(path: Path, limits: ImageLimits) -> np.ndarray | Skipped:
+def load_crop(path: Path, limits: ImageLimits, decode: str = "exact") -> np.ndarray | Skipped:
     """The server's preprocessing of one file; an unreadable file is reported, not fatal."""
     try:
-        return preprocess_encoded(path.read_bytes(), limits)
+        return preprocess_encoded(path.read_bytes(), limits, decode)
     except (InvalidInput, OSError) as exc:
         return Skipped(path, str(exc))
 
 
 def read_crops(
-    paths: Sequence[Path], threads: int, limits: ImageLimits, ahead: int, desc: str
+    paths: Sequence[Path], threads: int, limits: ImageLimits, ahead: int, desc: str, decode: str = "exact"
 ) -> Iterator[tuple[int, np.ndarray | Skipped]]:
     """(index, uint8 crop or Skipped) per path, in order, decoded `threads` at a time."""
     with ThreadPoolExecutor(threads, thread_name_prefix="preprocess") as pool:
-        loaded = ordered_map(pool, lambda p: load_crop(p, limits), paths, ahead)
+        loaded = ordered_map(pool, lambda p: load_crop(p, limits, decode), paths, ahead)
         yield from enumerate(tqdm(loaded, total=len(paths), desc=desc, unit="img", leave=False, disable=None))
 
 
@@ -104,9 +115,10 @@ def score(
     threads: int,
     keep: int = 0,
     limits: ImageLimits = ImageLimits(),
+    decode: str = "exact",
 ) -> Scored:
     """Top-1/top-5 of every model on the same images (each image decoded once); keeps the first
-    `keep` crops for timing."""
+    `keep` crops for timing. Images with label -1 count for agreement only."""
     tallies = [_Tally() for _ in models]
     result = Scored([], [])
     batch: list[np.ndarray] = []
@@ -120,7 +132,8 @@ def score(
         batch_labels.clear()
 
     paths = [image.path for image in images]
-    for i, crop in read_crops(paths, threads, limits, ahead=2 * batch_size + threads, desc="evaluating"):
+    ahead = 2 * batch_size + threads
+    for i, crop in read_crops(paths, threads, limits, ahead, "evaluating", decode):
         if isinstance(crop, Skipped):
             result.skipped.append(crop)
             continue
@@ -133,6 +146,7 @@ def score(
     if batch:
         flush()
     result.accuracy = [t.accuracy() for t in tallies]
+    result.top1 = [np.concatenate(t.predicted) if t.predicted else np.zeros(0, np.int64) for t in tallies]
     return result
 
 
