@@ -201,9 +201,9 @@ def run_together(
         ctx.Process(target=_worker, args=(parts[part][0], parts[part][1], share, sync, k), daemon=True)
         for k, (part, share) in enumerate(shares)
     ]
-    for w in workers:
-        w.start()
     try:
+        for w in workers:
+            w.start()
         _collect(sync, workers, "ready", _READY_TIMEOUT_S)
         t_warm = time.monotonic() + 0.1
         t_start = t_warm + load.warmup_s
@@ -237,13 +237,15 @@ def run_together(
                 cost = probe.stop() if probe is not None else None
     except BaseException:
         for w in workers:
-            w.kill()
+            if w.pid is not None:  # started
+                w.kill()
         raise
     finally:
         for w in workers:
-            w.join(timeout=10)
-            if w.is_alive():
-                w.kill()
+            if w.pid is not None:
+                w.join(timeout=10)
+                if w.is_alive():
+                    w.kill()
     return [
         _summarise(
             [r for (p, _), r in zip(shares, records) if p == part],

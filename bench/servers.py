@@ -134,7 +134,12 @@ def start(
     server = ServerProcess(proc, host)
     server._reader = threading.Thread(target=server._read, args=(out,), name="server-log", daemon=True)
     server._reader.start()
-    if not server._serving.wait(timeout) or proc.poll() is not None or not server.port:
+    try:
+        serving = server._serving.wait(timeout)
+    except BaseException:  # Ctrl-C while it starts: it is not left running
+        server.kill()
+        raise
+    if not serving or proc.poll() is not None or not server.port:
         server.kill()
         state = (
             f"exited with code {proc.returncode}" if proc.poll() is not None else f"not serving after {timeout:.0f} s"

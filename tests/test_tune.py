@@ -152,7 +152,12 @@ def test_an_interrupted_run_writes_nothing_and_leaves_no_server(tmp_path: Path, 
     assert measuring.wait(240), "".join(lines)
     children = _children(proc.pid)
     proc.send_signal(signal.SIGINT)
-    proc.wait(120)
+    try:
+        proc.wait(120)
+    except subprocess.TimeoutExpired:
+        stacks = _stacks(proc.pid)
+        proc.kill()
+        pytest.fail(f"tune still running 120 s after Ctrl-C; its threads:\n{stacks}\nits log:\n{''.join(lines)}")
     reader.join(30)
     assert proc.returncode == 130, "".join(lines)
     assert "interrupted; nothing written" in "".join(lines)
@@ -161,6 +166,15 @@ def test_an_interrupted_run_writes_nothing_and_leaves_no_server(tmp_path: Path, 
     while (left := [pid for pid in children if _alive(pid)]) and time.monotonic() < end:
         time.sleep(0.1)
     assert not left, left  # no server, worker or load process outlives the run
+
+
+def _stacks(pid: int) -> str:
+    """Where a process's threads are (py-spy, from the dev extra), to tell a hang's cause."""
+    spy = Path(sys.executable).with_name("py-spy")
+    if not spy.is_file():
+        return "(py-spy is not installed)"
+    done = subprocess.run([str(spy), "dump", "--pid", str(pid)], capture_output=True, text=True, timeout=60)
+    return done.stdout + done.stderr
 
 
 def _children(pid: int) -> list[int]:
