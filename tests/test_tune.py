@@ -98,9 +98,16 @@ def test_bad_arguments_are_one_clear_line_and_exit_2(
     assert [p.name for p in tmp_path.iterdir()] == ["empty"]  # nothing written
 
 
+# Ctrl-C's default action for the command, even when this suite runs in the background: a shell
+# starts background jobs with SIGINT ignored, the ignoring is inherited, and Python then installs
+# no KeyboardInterrupt handler, so a tune started from here would not see the test's Ctrl-C.
+CTRL_C_ON = "import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); os.execv(sys.argv[1], sys.argv[1:])"
+
+
 def tune(*args: str, cwd: Path) -> subprocess.Popen[str]:
+    command = [MOBISERVE, "tune", "--model", str(require(INT8)), "--synsets", str(require(SYNSETS)), *args]
     return subprocess.Popen(
-        [MOBISERVE, "tune", "--model", str(require(INT8)), "--synsets", str(require(SYNSETS)), *args],
+        [sys.executable, "-c", CTRL_C_ON, *command],
         cwd=cwd,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
