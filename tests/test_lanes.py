@@ -147,6 +147,27 @@ async def test_the_spare_session_never_takes_bulk_work() -> None:
     await b.close()
 
 
+async def test_interactive_work_has_the_model_to_itself_only_while_no_bulk_work_is_queued_or_running() -> None:
+    """What decides whether interactive work may take all the cores (ServedModel._widen)."""
+    model = Lanes()
+    b = batcher(model, max_batch_size=8)
+    assert b.urgent_alone  # idle
+    first = submit(b, 1, lane=INTERACTIVE)
+    await model.wait_batches(1)  # the only session runs an interactive batch, held
+    assert b.urgent_alone  # interactive work alone leaves it so
+    bulk = submit(b, 2, lane=BULK)
+    await settle()
+    assert len(model.batches) == 1 and not b.urgent_alone  # bulk work queued
+    model.let_through(INTERACTIVE)
+    await model.wait_batches(2)  # the session runs the bulk batch, held
+    assert not b.urgent_alone  # bulk work running
+    model.let_through(BULK)
+    assert (await first, await bulk) == ([10], [20])
+    await settle()
+    assert b.urgent_alone  # bulk work done: the cores are interactive work's again
+    await b.close()
+
+
 async def test_interactive_work_waits_for_interactive_batches_as_for_any_session() -> None:
     model = Lanes()
     b = batcher(model, max_batch_size=8, spare=1)

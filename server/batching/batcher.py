@@ -185,6 +185,12 @@ class Batcher(Generic[I, T, R]):
         """Items reserved in all lanes and not yet in a batch."""
         return sum(lane.admitted for lane in self.lanes)
 
+    @property
+    def urgent_alone(self) -> bool:
+        """No less urgent work than the first lane's is admitted or running: the most urgent
+        lane has the model to itself (what decides whether its work may take all the cores)."""
+        return self._behind == 0 and not any(lane.admitted for lane in self.lanes[1:])
+
     def lane_index(self, name: str) -> int:
         return next(lane.index for lane in self.lanes if lane.name == name)
 
