@@ -282,5 +282,5 @@ class _Ticker:
 
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
-        self._thread.join(5)  # bounded: an interrupted run must end, whatever the bar's lock does
+        self._thread.join()
         self._bar.close()
