@@ -676,7 +676,15 @@ def rss_mib(server: ServerProcess) -> float:
 async def test_failed_requests_do_not_keep_their_payload(int8_model: Path, jpeg: bytes) -> None:
     """50 undecodable 20 MiB images (unary, then in one stream), then 10 s idle: the server's
     memory is back within 150 MB of where it was before them."""
-    proc = await asyncio.to_thread(serve, "--model", f"int8={int8_model}", "--synsets", str(SYNSETS))
+    proc = await asyncio.to_thread(
+        serve,
+        "--workers",
+        "1",
+        "--model",
+        f"int8={int8_model}",
+        "--synsets",
+        str(SYNSETS),  # RSS of one process
+    )
     bad = b"not an image" + bytes(20 * MiB)  # refused as soon as no decoder recognises its header
     options = [("grpc.max_send_message_length", 64 * MiB)]
     try:

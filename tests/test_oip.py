@@ -614,7 +614,9 @@ def test_every_sample_image_agrees_with_classify(
 async def test_one_batch_carries_both_protocols(int8_model: Path, sample_images: list[Path]) -> None:
     """A Classify and a ModelInfer arriving together ride in one batch: the batchers are shared."""
     proc = await asyncio.to_thread(
-        serve, "--model", f"{MODEL}={int8_model}", "--max-batch-size", "4", "--max-queue-delay-ms", "2000"
+        serve,
+        *("--workers", "1"),  # one process: the two connections could land on two workers' batchers
+        *("--model", f"{MODEL}={int8_model}", "--max-batch-size", "4", "--max-queue-delay-ms", "2000"),
     )
     images = [p.read_bytes() for p in sample_images[:4]]
     try:
