@@ -266,4 +266,7 @@ class Probe:
         gil = self._gil.stop(window) if self._gil is not None else None
         if self._start is None or end is None:
             return None
-        return Cost(end.total_s - self._start.total_s, cpu_by_role(self._start, end, self.pid), gil)
+        roles = cpu_by_role(self._start, end, self.pid)
+        # the roles' sum is the total: the threads are read a moment after the process's own
+        # figure, so their sum may run ahead of it (ended threads' time is in `other` already)
+        return Cost(sum(roles.values()), roles, gil)
